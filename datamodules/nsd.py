@@ -1,0 +1,223 @@
+"""``NSDDataModule``: the one data module of both stages, over our WebDataset shards (``datamodules/README.md``).
+
+Training batches: ``{"subj01": sub_batch, ...}`` from a ``CombinedLoader`` of per-subject loaders, each
+sub-batch ``voxels`` (b_s, V_s), ``image`` (b_s, 3, H, W) in [0, 1], ``nsd_id`` (b_s,), ``captions``,
+``categories``, joined targets, plus diagnostics ``worker``/``epoch``. Validation and test: one loader per
+subject (``dataloader_idx`` = position in ``subjects``), batches with ``voxels`` (b, R, V), ``repeat_mask`` (b, R)
+and ``valid`` (b,) (False on DDP padding copies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader
+
+from datamodules.errors import DataFormatError
+from datamodules.shard_format import load_subject_meta, subject_name
+from datamodules.streams import EvalStream, TrainStream
+from datamodules.target_cache import TargetCache
+from datamodules.val_split import build_val_shard, choose_val_ids, val_cache_path
+
+
+class EpochLoader(DataLoader):
+    """A ``DataLoader`` over a ``TrainStream`` that tells the stream (and its workers) the epoch at each ``iter``."""
+
+    def __init__(self, dataset: TrainStream, epoch_fn: Callable[[], int | None], **kwargs: Any):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self.epoch_fn = epoch_fn
+        self.iterations = 0
+
+    def __iter__(self):
+        epoch = self.epoch_fn()
+        self.dataset.epoch.value = self.iterations if epoch is None else int(epoch)
+        self.iterations += 1
+        return super().__iter__()
+
+
+class NSDDataModule(L.LightningDataModule):
+    """NSD (or synthetic NSD) shards -> per-subject batches, with DDP-exact epoch lengths.
+
+    Args:
+        data_dir: prepared dataset root (``ROOT/subjXX/meta.json``).
+        subjects: subject names or numbers; training batches hold one sub-batch per subject.
+        num_sessions: use the first N training sessions of each subject (default all).
+        batch_size: per-rank batch size, one int or ``{subject: int}``.
+        eval_batch_size: per-rank validation/test batch size.
+        num_workers: loader workers per subject loader.
+        samples_per_epoch: training samples per epoch over all subjects and ranks (default: the number of
+            training trials, i.e. about one pass); steps per epoch = samples_per_epoch // global batch.
+        val_images: whole training images per subject held out for validation (0: no validation).
+        seed: seeds the validation choice, shard resampling and shuffling (mixed with subject, rank, worker, epoch).
+        shuffle_buffer / shuffle_initial: sample shuffle buffer of the training stream.
+        pad_repeats: ``zeros`` (mask marks real repeats) or ``duplicate`` (MindEyeV2's padding).
+        load_images: decode images (stages that use cached targets only can turn this off).
+        targets: ``{name: directory}`` target caches joined by nsd_id (relative paths are below ``data_dir``).
+        target_shapes: ``{name: shape}`` expected per-item shapes; a cache of another shape is refused.
+        val_cache_dir: where validation shards are materialised (default ``data_dir/val_cache``).
+        predict_split: the split ``predict`` iterates (``test`` or ``val``).
+    """
+
+    def __init__(self, data_dir: str, subjects: list[str] | None = None, num_sessions: int | None = None,
+                 batch_size: int | dict[str, int] = 24, eval_batch_size: int = 50, num_workers: int = 2,
+                 samples_per_epoch: int | None = None, val_images: int = 300, seed: int = 0,
+                 shuffle_buffer: int = 1000, shuffle_initial: int = 100,
+                 pad_repeats: Literal["zeros", "duplicate"] = "zeros", load_images: bool = True,
+                 targets: dict[str, str] | None = None, target_shapes: dict[str, list[int]] | None = None,
+                 val_cache_dir: str | None = None, persistent_workers: bool = False, pin_memory: bool = False,
+                 predict_split: Literal["test", "val"] = "test"):
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir)
+        self.subjects = [subject_name(s) for s in (subjects or ["subj01"])]
+        if len(set(self.subjects)) != len(self.subjects):
+            raise DataFormatError(f"data.subjects lists a subject twice: {self.subjects}")
+        if pad_repeats not in ("zeros", "duplicate"):
+            raise DataFormatError(f"data.pad_repeats must be 'zeros' or 'duplicate', got {pad_repeats!r}")
+        if isinstance(batch_size, dict):
+            sizes = {subject_name(k): int(v) for k, v in batch_size.items()}
+            missing = [s for s in self.subjects if s not in sizes]
+            if missing:
+                raise DataFormatError(f"data.batch_size has no entry for {missing}")
+            self.batch_sizes = {s: sizes[s] for s in self.subjects}
+        else:
+            self.batch_sizes = {s: int(batch_size) for s in self.subjects}
+        self.num_sessions, self.eval_batch_size, self.num_workers = num_sessions, eval_batch_size, num_workers
+        self.samples_per_epoch, self.val_images, self.seed = samples_per_epoch, val_images, seed
+        self.shuffle_buffer, self.shuffle_initial, self.pad_repeats = shuffle_buffer, shuffle_initial, pad_repeats
+        self.load_images, self.persistent_workers, self.pin_memory = load_images, persistent_workers, pin_memory
+        self.target_dirs = {k: Path(v) if Path(v).is_absolute() else self.data_dir / v
+                            for k, v in (targets or {}).items()}
+        self.target_shapes = target_shapes or {}
+        unknown = set(self.target_shapes) - set(self.target_dirs)
+        if unknown:
+            raise DataFormatError(f"data.target_shapes names {sorted(unknown)}, which data.targets lacks")
+        self.val_cache_dir = Path(val_cache_dir) if val_cache_dir else self.data_dir / "val_cache"
+        self.predict_split = predict_split
+        self.metas: dict[str, dict[str, Any]] = {}
+        self._manual_rank: tuple[int, int] | None = None
+
+    # ---------------------------------------------------------------- metadata
+    def _load_metas(self) -> None:
+        if self.metas:
+            return
+        for s in self.subjects:
+            meta = load_subject_meta(self.data_dir, s)
+            available = [x["session"] for x in meta["sessions"]]
+            if self.num_sessions is not None and not 1 <= self.num_sessions <= len(available):
+                raise DataFormatError(f"data.num_sessions={self.num_sessions} but {s} has {len(available)} "
+                                      f"prepared sessions under {self.data_dir / s}")
+            self.metas[s] = meta
+
+    def sessions(self, subject: str) -> list[int]:
+        """The training sessions used for ``subject``: the first ``num_sessions`` (chronological)."""
+        self._load_metas()
+        chosen = sorted(x["session"] for x in self.metas[subject]["sessions"])
+        return chosen[: self.num_sessions] if self.num_sessions else chosen
+
+    def val_ids(self, subject: str) -> list[int]:
+        self._load_metas()
+        return choose_val_ids(self.metas[subject], self.sessions(subject), self.val_images, self.seed)
+
+    def num_voxels(self) -> dict[str, int]:
+        """Voxel count per subject (what the stage-1 adapters are built with)."""
+        self._load_metas()
+        return {s: int(self.metas[s]["num_voxels"]) for s in self.subjects}
+
+    def train_trials(self, subject: str) -> int:
+        excluded = set(self.val_ids(subject))
+        sessions = set(self.sessions(subject))
+        return sum(1 for x in self.metas[subject]["sessions"] if x["session"] in sessions
+                   for i in x["nsd_ids"] if i not in excluded)
+
+    # ---------------------------------------------------------------- rank / epoch bookkeeping
+    def set_rank(self, rank: int, world_size: int) -> None:
+        """Pin the rank and world size (for use without a Trainer, e.g. in analyses and tests)."""
+        self._manual_rank = (rank, world_size)
+
+    def rank_and_world(self) -> tuple[int, int]:
+        if self._manual_rank is not None:
+            return self._manual_rank
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return 0, 1
+
+    def _current_epoch(self) -> int | None:
+        """The trainer's epoch (so a resumed run continues the seed sequence); None without a trainer."""
+        return self.trainer.current_epoch if self.trainer is not None else None
+
+    def num_train_batches(self) -> int:
+        """Training batches per epoch on every rank = samples_per_epoch // (sum of batch sizes * world size)."""
+        _, world = self.rank_and_world()
+        samples = self.samples_per_epoch or sum(self.train_trials(s) for s in self.subjects)
+        return max(1, samples // (sum(self.batch_sizes.values()) * world))
+
+    # ---------------------------------------------------------------- Lightning hooks
+    def prepare_data(self) -> None:
+        """Validate metadata, and materialise validation shards once (rank zero of each node)."""
+        self._load_metas()
+        for s in self.subjects:
+            ids = self.val_ids(s)
+            if ids:
+                build_val_shard(self.data_dir / s, self.metas[s], self.sessions(s), ids,
+                                val_cache_path(self.val_cache_dir, s, self.sessions(s), ids))
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load_metas()
+        self.targets = {name: TargetCache(d, self.target_shapes.get(name)) for name, d in self.target_dirs.items()}
+        for s in self.subjects:
+            if self.train_trials(s) == 0:
+                raise DataFormatError(f"{s}: no training trials left in sessions {self.sessions(s)}")
+
+    def _train_stream(self, s: str, index: int) -> TrainStream:
+        rank, _ = self.rank_and_world()
+        meta = self.metas[s]
+        sessions = set(self.sessions(s))
+        shards = [str(self.data_dir / s / x["shard"]) for x in meta["sessions"] if x["session"] in sessions]
+        return TrainStream(shards, subject=s, batch_size=self.batch_sizes[s], num_batches=self.num_train_batches(),
+                           rank=rank, seed=self.seed + 1000 * index, exclude_ids=self.val_ids(s),
+                           shuffle_buffer=self.shuffle_buffer, shuffle_initial=self.shuffle_initial,
+                           load_images=self.load_images, targets=self.targets)
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
+                "persistent_workers": self.persistent_workers and self.num_workers > 0}
+
+    def train_dataloader(self) -> CombinedLoader:
+        loaders = {s: EpochLoader(self._train_stream(s, i), self._current_epoch, **self._loader_kwargs())
+                   for i, s in enumerate(self.subjects)}
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def _eval_loader(self, s: str, shards: list[tuple[str, list[int]]]) -> DataLoader:
+        rank, world = self.rank_and_world()
+        stream = EvalStream(shards, subject=s, batch_size=self.eval_batch_size, rank=rank, world_size=world,
+                            max_repeats=int(self.metas[s]["max_repeats"]), pad_repeats=self.pad_repeats,
+                            load_images=self.load_images, targets=self.targets)
+        return DataLoader(stream, batch_size=None, **self._loader_kwargs())
+
+    def _val_shards(self, s: str) -> list[tuple[str, list[int]]]:
+        ids = self.val_ids(s)
+        path = val_cache_path(self.val_cache_dir, s, self.sessions(s), ids)
+        if not path.exists():
+            raise DataFormatError(f"validation shard {path} is missing: prepare_data() has not run "
+                                  "(Lightning calls it; call it yourself outside a Trainer)")
+        return [(str(path), ids)]
+
+    def _test_shards(self, s: str) -> list[tuple[str, list[int]]]:
+        return [(str(self.data_dir / s / x["shard"]), x["nsd_ids"]) for x in self.metas[s]["test"]["shards"]]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        if not self.val_images:
+            return []
+        return [self._eval_loader(s, self._val_shards(s)) for s in self.subjects]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._eval_loader(s, self._test_shards(s)) for s in self.subjects]
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        split = self._val_shards if self.predict_split == "val" else self._test_shards
+        return [self._eval_loader(s, split(s)) for s in self.subjects]

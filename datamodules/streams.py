@@ -1,0 +1,196 @@
+"""Iterable datasets that produce ready batches for one subject on one rank (loaders use ``batch_size=None``).
+
+``TrainStream``: shards resampled with replacement from a seeded RNG that differs across subjects, ranks, workers
+and epochs; a seeded shuffle buffer; exactly ``num_batches`` batches per rank split across workers, so every rank
+yields the same count for any number of shards (one session on 2 ranks x 2 workers included).
+
+``EvalStream``: a fixed list of samples in ascending ``nsd_id``, split into equal contiguous blocks per rank
+(padded with copies flagged ``valid = False``), batched, batches dealt to workers round-robin so that the loader
+returns them in order.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import random
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from datamodules.errors import DataFormatError
+from datamodules.shard_format import INFO_KEY, decode_sample
+from datamodules.target_cache import TargetCache
+
+
+def stream_seed(*parts: int | str) -> int:
+    """A stable 32-bit seed from any mix of ints and strings (same on every machine and run)."""
+    return zlib.crc32(json.dumps([str(p) for p in parts]).encode())
+
+
+def raise_with_shard(exc: Exception) -> bool:
+    """webdataset handler: re-raise read errors as ``DataFormatError`` naming the shard."""
+    raise DataFormatError(f"cannot read shard sample: {exc} (truncated or corrupt shard?)") from exc
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def _nsd_id(raw: Mapping[str, Any]) -> int:
+    return int(json.loads(raw[INFO_KEY])["nsd_id"])
+
+
+def collate(samples: Sequence[dict[str, Any]], subject: str, targets: Mapping[str, TargetCache]) -> dict[str, Any]:
+    """Decoded samples -> sub-batch dict: ``voxels`` (b, V) or (b, R, V) float32, ``image`` (b, 3, H, W) in [0, 1],
+    ``nsd_id`` (b,), ``captions``/``categories`` (lists of lists), ``subject``, and one tensor per target."""
+    ids = np.array([s["info"]["nsd_id"] for s in samples], dtype=np.int64)
+    batch: dict[str, Any] = {
+        "subject": subject,
+        "voxels": torch.from_numpy(np.stack([s["voxels"] for s in samples]).astype(np.float32)),
+        "nsd_id": torch.from_numpy(ids),
+        "captions": [list(s["info"].get("captions", [])) for s in samples],
+        "categories": [list(s["info"].get("categories", [])) for s in samples],
+    }
+    if samples[0]["image"] is not None:
+        images = np.stack([s["image"] for s in samples])
+        batch["image"] = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    for name, cache in targets.items():
+        batch[name] = torch.from_numpy(np.array(cache.lookup(ids), dtype=np.float32))
+    return batch
+
+
+class TrainStream(IterableDataset):
+    """Resampled training batches of one subject for one rank: ``num_batches`` per epoch over all workers."""
+
+    def __init__(self, shards: Sequence[str], *, subject: str, batch_size: int, num_batches: int, rank: int,
+                 seed: int, exclude_ids: Sequence[int] = (), shuffle_buffer: int = 1000, shuffle_initial: int = 100,
+                 load_images: bool = True, targets: Mapping[str, TargetCache] | None = None):
+        if not shards:
+            raise DataFormatError(f"{subject}: no training shards selected")
+        self.shards, self.subject, self.batch_size = list(shards), subject, batch_size
+        self.num_batches, self.rank, self.seed = num_batches, rank, seed
+        self.exclude_ids = frozenset(int(i) for i in exclude_ids)
+        self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
+        self.load_images, self.targets = load_images, dict(targets or {})
+        self.epoch = mp.Value("i", 0)  # shared with loader workers; set by EpochLoader before each epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def batches_for_worker(self, worker: int, num_workers: int) -> int:
+        return self.num_batches // num_workers + (1 if worker < self.num_batches % num_workers else 0)
+
+    def _urls(self, rng: random.Random) -> Iterator[dict[str, str]]:
+        while True:
+            yield {"url": rng.choice(self.shards)}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = _worker()
+        epoch = self.epoch.value
+        n_batches = self.batches_for_worker(worker, num_workers)
+        if n_batches == 0:
+            return
+        shard_rng = random.Random(stream_seed("shards", self.seed, self.subject, self.rank, worker, epoch))
+        shuffle_rng = random.Random(stream_seed("shuffle", self.seed, self.subject, self.rank, worker, epoch))
+        raw = wds.tarfile_to_samples(handler=raise_with_shard)(self._urls(shard_rng))
+        if self.exclude_ids:
+            raw = (s for s in raw if _nsd_id(s) not in self.exclude_ids)
+        raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_initial, rng=shuffle_rng)(raw)
+        pending: list[dict[str, Any]] = []
+        emitted = 0
+        for sample in raw:
+            pending.append(decode_sample(sample, self.load_images))
+            if len(pending) == self.batch_size:
+                batch = collate(pending, self.subject, self.targets)
+                batch.update(worker=worker, epoch=epoch)
+                yield batch
+                pending, emitted = [], emitted + 1
+                if emitted == n_batches:
+                    return
+
+
+def _pad_repeats(voxels: np.ndarray, max_repeats: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """(r, V) -> (R, V) and mask (R,). ``zeros``: pad with zeros, mask marks real repeats. ``duplicate``:
+    MindEyeV2's padding (1 repeat -> x3; 2 -> the first again), every row counted."""
+    r = len(voxels)
+    if r > max_repeats:
+        voxels, r = voxels[:max_repeats], max_repeats
+    out = np.zeros((max_repeats, voxels.shape[1]), voxels.dtype)
+    mask = np.zeros(max_repeats, bool)
+    if mode == "duplicate":
+        order = (list(range(r)) + [0] * max_repeats)[:max_repeats] if r > 1 else [0] * max_repeats
+        return voxels[order], np.ones(max_repeats, bool)
+    out[:r], mask[:r] = voxels, True
+    return out, mask
+
+
+class EvalStream(IterableDataset):
+    """Fixed, ordered evaluation batches (one sample per image, all repeats) for one rank."""
+
+    def __init__(self, shards: Sequence[tuple[str, Sequence[int]]], *, subject: str, batch_size: int, rank: int,
+                 world_size: int, max_repeats: int = 3, pad_repeats: str = "zeros", load_images: bool = True,
+                 targets: Mapping[str, TargetCache] | None = None):
+        if pad_repeats not in ("zeros", "duplicate"):
+            raise DataFormatError(f"pad_repeats must be 'zeros' or 'duplicate', got {pad_repeats!r}")
+        self.shards = [(url, [int(i) for i in ids]) for url, ids in shards]
+        self.order = [i for _, ids in self.shards for i in ids]
+        if not self.order:
+            raise DataFormatError(f"{subject}: the evaluation set is empty")
+        if sorted(set(self.order)) != self.order:
+            raise DataFormatError(f"{subject}: evaluation shards must list unique nsd_id in ascending order")
+        self.subject, self.batch_size, self.rank, self.world_size = subject, batch_size, rank, world_size
+        self.max_repeats, self.pad_repeats = max_repeats, pad_repeats
+        self.load_images, self.targets = load_images, dict(targets or {})
+        per_rank = -(-len(self.order) // world_size)
+        start = min(rank * per_rank, len(self.order))
+        own = list(range(start, min(start + per_rank, len(self.order))))
+        self.positions = own + [own[-1] if own else len(self.order) - 1] * (per_rank - len(own))
+        self.valid = [True] * len(own) + [False] * (per_rank - len(own))
+
+    def __len__(self) -> int:
+        return -(-len(self.positions) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = _worker()
+        batches = [(list(self.positions[j * self.batch_size:(j + 1) * self.batch_size]),
+                    self.valid[j * self.batch_size:(j + 1) * self.batch_size])
+                   for j in range(worker, len(self), num_workers)]
+        if not batches:
+            return
+        wanted = {self.order[p] for pos, _ in batches for p in pos}
+        pending = list(batches)
+        decoded: dict[int, dict[str, Any]] = {}
+        for url, ids in self.shards:
+            if not wanted.intersection(ids):
+                continue
+            for raw in wds.tarfile_to_samples(handler=raise_with_shard)([{"url": url}]):
+                nsd_id = _nsd_id(raw)
+                if nsd_id not in wanted:
+                    continue
+                sample = decode_sample(raw, self.load_images)
+                sample["voxels"], sample["repeat_mask"] = _pad_repeats(
+                    np.atleast_2d(sample["voxels"]), self.max_repeats, self.pad_repeats)
+                decoded[nsd_id] = sample
+                while pending and all(self.order[p] in decoded for p in pending[0][0]):
+                    yield self._collate(*pending.pop(0), decoded)
+                    still_needed = {self.order[p] for pos, _ in pending for p in pos}
+                    decoded = {k: v for k, v in decoded.items() if k in still_needed}
+                    if not pending:
+                        return
+        if pending:
+            missing = sorted({self.order[p] for pos, _ in pending for p in pos} - set(decoded))[:5]
+            raise DataFormatError(f"{self.subject}: nsd_id {missing} listed in meta.json not found in its shards")
+
+    def _collate(self, positions: list[int], valid: list[bool], decoded: dict[int, dict]) -> dict[str, Any]:
+        samples = [decoded[self.order[p]] for p in positions]
+        batch = collate(samples, self.subject, self.targets)
+        batch["repeat_mask"] = torch.from_numpy(np.stack([s["repeat_mask"] for s in samples]))
+        batch["valid"] = torch.tensor(valid, dtype=torch.bool)
+        return batch
