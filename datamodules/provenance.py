@@ -43,7 +43,7 @@ def git_commit(repo_dir: str | Path | None = None) -> str:
 def provenance(**extra: Any) -> dict[str, Any]:
     """A provenance record: creation time, command line, python, package versions, git commit, plus ``extra``."""
     record = {
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "python": platform.python_version(),
         "package_versions": package_versions(),

@@ -423,3 +423,17 @@ def write_mindeye2_layout(data: SyntheticNSD, root: str | Path) -> Path:
         layout["voxels"][name] = data.subjects[name].num_voxels
     write_json_atomic(root / "synthetic_layout.json", layout)
     return root
+
+
+def split_half_reliability(betas: np.ndarray, trials: TrialTable) -> np.ndarray:
+    """Per-voxel Pearson correlation between the first and second presentation of every image seen twice or
+    more (NSD-style split-half reliability), (T, V) betas -> (V,)."""
+    first, second = [], []
+    for nsd_id in np.unique(trials.nsd_id):
+        rows = np.sort(trials.global_trial[trials.nsd_id == nsd_id])
+        if len(rows) >= 2:
+            first.append(rows[0])
+            second.append(rows[1])
+    a, b = betas[first].astype(np.float64), betas[second].astype(np.float64)
+    a, b = a - a.mean(0), b - b.mean(0)
+    return (a * b).sum(0) / np.sqrt((a**2).sum(0) * (b**2).sum(0))
