@@ -1,0 +1,211 @@
+"""Stage-1 building blocks: routing partition and capacity, shapes, gradients, batched == per-expert loop,
+determinism, and losses against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.components.batched_layers import BatchedLinear, BatchedProjector, BatchedResidualMLP
+from lightning_modules.components.losses import (
+    cosine_anneal,
+    cosine_loss,
+    mixco_inputs,
+    mixco_nce,
+    soft_clip_loss,
+)
+from lightning_modules.components.moe_encoder import HierarchicalMoE
+from lightning_modules.components.routers import ExpertChoiceRouter, balance_loss, routing_entropy
+from lightning_modules.components.subject_adapters import SubjectAdapters
+
+
+def tiny_moe(**kw):
+    args = dict(hidden_dim=64, out_dim=16, clip_hidden=24, num_blocks=2, dropout=0.0, gate_init=0.5)
+    args.update(kw)
+    torch.manual_seed(0)
+    return HierarchicalMoE(**args)
+
+
+def test_binary_router_partitions_units_with_capacity():
+    router = ExpertChoiceRouter(num_parents=3, num_children=2, units=10, gate_init=1.0).eval()
+    x = torch.randn(4, 3, 10)
+    r = router(x)
+    assert r.inputs.shape == r.indices.shape == r.gates.shape == (4, 6, 5)
+    for b in range(4):
+        for p in range(3):
+            taken = torch.cat([r.indices[b, 2 * p], r.indices[b, 2 * p + 1]]).sort().values
+            assert torch.equal(taken, torch.arange(10))  # complementary split of the parent's units
+    assert (r.indices.diff(dim=-1) > 0).all()  # sorted positions
+    expected = x[0, 1][r.indices[0, 2]] * r.probs[0, 1, r.indices[0, 2], 0]
+    assert torch.allclose(r.inputs[0, 2], expected)
+
+
+def test_router_capacity_factor_and_overlap():
+    router = ExpertChoiceRouter(1, 4, 12, capacity_factor=2.0).eval()
+    assert router.capacity == 6
+    assert router(torch.randn(2, 1, 12)).indices.shape == (2, 4, 6)
+    with pytest.raises(ValueError, match="capacity"):
+        ExpertChoiceRouter(1, 4, 12, capacity_factor=0.1)
+
+
+def test_moe_shapes_at_every_level_and_routing_record():
+    moe = tiny_moe().eval()
+    out = moe(torch.randn(5, 64))
+    assert moe.num_experts == [2, 4, 8, 16] and moe.widths == [32, 16, 8, 4]
+    for level, (b, c, r) in enumerate(zip(out.backbone, out.clip, out.routing)):
+        e, k = moe.num_experts[level], moe.widths[level]
+        assert b.shape == c.shape == (5, e, 16)
+        assert r.gates.shape == r.indices.shape == (5, e, k)
+        units = 64 if level == 0 else moe.widths[level - 1]
+        assert int(r.indices.max()) < units
+        assert r.parent.tolist() == ([-1, -1] if level == 0 else [i // 2 for i in range(e)])
+    assert out.backbone_level_sums.shape == (5, 4, 16)
+    assert torch.allclose(out.clip_mean, torch.stack([c.sum(1) for c in out.clip]).mean(0), atol=1e-6)
+
+
+def test_gradients_reach_every_gate_and_expert():
+    moe = tiny_moe().train()
+    out = moe(torch.randn(8, 64))
+    (out.clip_mean.square().sum() + out.balance).backward()
+    for level, router in enumerate(moe.routers):
+        assert router.weight.grad is not None and (router.weight.grad.abs() > 0).all(), level
+    for name, p in moe.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def _loop_linear(layer: BatchedLinear, x):
+    return torch.stack([x[:, e] @ layer.weight[e] + layer.bias[e] for e in range(layer.num_experts)], 1)
+
+
+def test_batched_layers_equal_a_per_expert_loop():
+    torch.manual_seed(1)
+    lin = BatchedLinear(5, 7, 3)
+    x = torch.randn(4, 5, 7)
+    assert torch.allclose(lin(x), _loop_linear(lin, x), atol=1e-6)
+    mlp = BatchedResidualMLP(5, 7, num_blocks=2, dropout=0.0)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_()
+    expected = []
+    for e in range(5):
+        h = x[:, e]
+        for block in mlp.blocks:
+            n = F.layer_norm(h, (7,), block["norm"].weight[e], block["norm"].bias[e])
+            a = F.gelu(n @ block["fc1"].weight[e] + block["fc1"].bias[e])
+            h = h + a @ block["fc2"].weight[e] + block["fc2"].bias[e]
+        expected.append(h)
+    assert torch.allclose(mlp(x), torch.stack(expected, 1), atol=1e-5)
+    proj = BatchedProjector(5, 7, 9)
+    expected = []
+    for e in range(5):
+        h = x[:, e]
+        for norm, linear in zip(proj.norms, proj.linears):
+            h = F.gelu(F.layer_norm(h, h.shape[-1:], norm.weight[e], norm.bias[e])) @ linear.weight[e] + linear.bias[e]
+        expected.append(h)
+    assert torch.allclose(proj(x), torch.stack(expected, 1), atol=1e-5)
+
+
+def test_moe_equals_a_straightforward_per_expert_implementation():
+    """The whole tree against a loop over levels, parents and experts with per-sample top-k (1e-6)."""
+    moe = tiny_moe(deep_expert="linear").eval()
+    x = torch.randn(3, 64)
+    out = moe(x)
+    for b in range(3):
+        feats = [x[b]]  # outputs of the previous level's experts
+        for level in range(4):
+            router = moe.routers[level]
+            outs = []
+            for p, parent_units in enumerate(feats):
+                probs = torch.softmax(parent_units[:, None] * router.weight[p][None], -1)  # (u, f)
+                for c in range(router.num_children):
+                    idx = torch.topk(probs[:, c], router.capacity).indices.sort().values
+                    inp = parent_units[idx] * probs[idx, c]
+                    e = p * router.num_children + c
+                    expert = moe.experts[level]
+                    if level == 0:
+                        h = expert(inp[None, None].expand(1, moe.num_experts[0], -1).contiguous())[0, e]
+                    else:
+                        h = inp @ expert.weight[e] + expert.bias[e]
+                    head = moe.backbone_heads[level]
+                    emb = h @ head.weight[e] + head.bias[e]
+                    assert torch.allclose(out.backbone[level][b, e], emb, atol=1e-6)
+                    outs.append(h)
+            feats = outs
+
+
+def test_routing_is_deterministic_in_eval_and_noisy_in_training():
+    moe = tiny_moe(gate_init=1e-4).eval()
+    x = torch.randn(4, 64)
+    a, b = moe(x), moe(x)
+    assert all(torch.equal(p.indices, q.indices) for p, q in zip(a.routing, b.routing))
+    moe.train()
+    torch.manual_seed(0)
+    c = moe(x)
+    torch.manual_seed(1)
+    d = moe(x)
+    assert any(not torch.equal(p.indices, q.indices) for p, q in zip(c.routing, d.routing))
+
+
+def test_balance_and_entropy():
+    uniform = torch.full((2, 1, 6, 3), 1 / 3)
+    assert balance_loss(uniform).item() == pytest.approx(0.0, abs=1e-12)
+    assert routing_entropy(uniform).item() == pytest.approx(np.log(3))
+    skewed = torch.tensor([0.8, 0.1, 0.1]).expand(2, 1, 6, 3)
+    load = np.array([0.8, 0.1, 0.1])
+    assert balance_loss(skewed).item() == pytest.approx(load.var() / load.mean() ** 2, rel=1e-5)
+
+
+def test_subject_adapters_and_bottleneck():
+    adapters = SubjectAdapters({"subj01": 30, "subj02": 20}, hidden_dim=8, bottleneck=4)
+    assert adapters(torch.randn(2, 20), "subj02").shape == (2, 8)
+    assert [m.out_features for m in adapters.adapters["subj01"]] == [4, 8]
+    with pytest.raises(ValueError, match="expects 30"):
+        adapters(torch.randn(2, 20), "subj01")
+    with pytest.raises(KeyError, match="subj05"):
+        adapters(torch.randn(2, 20), "subj05")
+
+
+def _np_log_softmax(a, axis):
+    a = a - a.max(axis, keepdims=True)
+    return a - np.log(np.exp(a).sum(axis, keepdims=True))
+
+
+def test_soft_clip_loss_against_numpy():
+    rng = np.random.default_rng(0)
+    p, t = rng.normal(size=(6, 4)), rng.normal(size=(6, 4))
+    p /= np.linalg.norm(p, axis=1, keepdims=True)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    temp = 0.05
+    soft = np.exp(_np_log_softmax(t @ t.T / temp, -1))
+    logits = p @ t.T / temp
+    expected = (-(_np_log_softmax(logits, -1) * soft).sum(-1).mean()
+                - (_np_log_softmax(logits.T, -1) * soft).sum(-1).mean()) / 2
+    got = soft_clip_loss(torch.tensor(p), torch.tensor(t), temp).item()
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_mixco_against_numpy():
+    rng = np.random.default_rng(1)
+    p, t = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+    betas, perm = np.array([1.0, 0.3, 1.0, 0.9, 0.2]), np.array([2, 0, 4, 1, 3])
+    labels = np.diag(betas)
+    labels[np.arange(5), perm] += 1 - betas
+    logits = p @ t.T / 0.1
+    expected = (-(_np_log_softmax(logits, -1) * labels).sum(-1).mean()
+                - (_np_log_softmax(logits.T, -1) * labels.T).sum(-1).mean()) / 2
+    got = mixco_nce(torch.tensor(p), torch.tensor(t), 0.1, torch.tensor(betas), torch.tensor(perm)).item()
+    assert got == pytest.approx(expected, rel=1e-9)
+    voxels = torch.randn(64, 7)
+    mixed, b, pm = mixco_inputs(voxels, torch.Generator().manual_seed(0))
+    assert torch.allclose(mixed, voxels * b[:, None] + voxels[pm] * (1 - b[:, None]))
+    assert 0.25 < (b < 1).float().mean() < 0.75  # about half the samples are mixed
+
+
+def test_cosine_helpers():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert cosine_loss(a, a).item() == pytest.approx(0.0, abs=1e-7)
+    assert cosine_loss(a, -a).item() == pytest.approx(2.0)
+    assert cosine_anneal(1.0, 3.0, 0.0) == 1.0 and cosine_anneal(1.0, 3.0, 1.0) == 3.0
+    assert cosine_anneal(1.0, 3.0, 0.5) == pytest.approx(2.0)
