@@ -38,9 +38,25 @@ $(DATA)/synthetic_nsd.json: | $(STAMP)
 
 data: install $(DATA)/synthetic_nsd.json ## Generate the synthetic NSD dataset (our format + MindEyeV2 layout) if absent
 
-demo: data ## The main job on the embedded default: synthetic data, MindEyeV2 import, data checks
+TINY := data/tiny_models
+STAGE1_TINY := --config configs/base/trainer.yaml --config configs/stage1/tiny_synthetic.yaml
+DEMO_RUN := $(LOGS)/stage1_tiny/demo
+
+$(TINY)/image_encoder/config.json: | $(STAMP)
+	$(BIN)/python -m experiments.make_tiny_models --out $(TINY)
+
+$(DATA)/targets/clip_text/meta.json: $(DATA)/synthetic_nsd.json $(TINY)/image_encoder/config.json
+	$(BIN)/python -m experiments.cache_targets --data $(DATA) --subjects 1 2 3 --text-model $(TINY) \
+		--image-model $(TINY)/image_encoder
+
+demo: data $(DATA)/targets/clip_text/meta.json ## The main job on the embedded default: stage 1 fit + test vs ridge
 	$(BIN)/python -m experiments.prepare_nsd --mindeye2-root $(ME2) --out $(IMPORTED) --subjects 1 2 3 --quiet
-	$(BIN)/python -m experiments.inspect_data --data $(DATA)
+	rm -rf $(DEMO_RUN)
+	$(BIN)/python -m experiments.run fit $(STAGE1_TINY) --trainer.logger.init_args.version=demo
+	$(BIN)/python -m experiments.run test $(STAGE1_TINY) --trainer.logger.init_args.version=demo \
+		--ckpt_path $(DEMO_RUN)/checkpoints/last.ckpt
+	$(BIN)/python -m experiments.ridge_baseline $(STAGE1_TINY) --compare $(DEMO_RUN)/test_metrics.json
+	@echo "TensorBoard logs and checkpoints: $(DEMO_RUN)  (serve with: make tensorboard)"
 
 bench: install ## Benchmarks; JSON results in bench_results/
 	$(BIN)/python -m experiments.bench --out bench_results --work data/bench

@@ -1,0 +1,56 @@
+"""The command-line entry point of both stages (LightningCLI, OmegaConf parser mode).
+
+    python -m experiments.run fit --config configs/base/trainer.yaml --config configs/stage1/tiny_synthetic.yaml
+    python -m experiments.run test --config ... --ckpt_path runs/.../checkpoints/last.ckpt
+    python -m experiments.run fit --config ... --print_config
+
+``model.init_args.num_voxels`` is linked from the data module (voxel count per subject); the resolved config is
+saved beside the logs (overwritten on re-runs) and stored in every checkpoint's provenance.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import lightning as L  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+
+def num_voxels_of(datamodule) -> dict[str, int]:
+    """Voxel count per subject of an ``NSDDataModule`` (the link source of ``model.init_args.num_voxels``)."""
+    return datamodule.num_voxels()
+
+
+class MoreBrainCLI(LightningCLI):
+    """LightningCLI with the project's links; ``instantiate=False`` parses and validates only."""
+
+    def __init__(self, *args, instantiate: bool = True, **kwargs):
+        self._instantiate = instantiate
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data", "model.init_args.num_voxels", compute_fn=num_voxels_of, apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        if not self._instantiate:
+            return
+        super().instantiate_classes()
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if hasattr(self.model, "run_config"):
+            self.model.run_config = self._parser(self.subcommand).dump(config, skip_link_targets=False)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True, instantiate: bool = True) -> MoreBrainCLI:
+    """Build (and by default run) the CLI; tests call it with ``args`` and ``run=False``."""
+    return MoreBrainCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                        parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
+                        args=args, run=run, instantiate=instantiate, auto_configure_optimizers=False)
+
+
+if __name__ == "__main__":
+    cli_main()
+    sys.exit(0)

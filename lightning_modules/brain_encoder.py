@@ -1,0 +1,343 @@
+"""Stage 1 LightningModule: per-subject adapters + hierarchical MoE (+ diffusion prior) -> CLIP space.
+
+Receives its parts by injection (``moe``, ``prior``) so that tiny test models, LightningCLI configs and
+``load_from_checkpoint`` all work; the subject adapters are built from ``num_voxels`` (linked from the data).
+Batches follow ``datamodules/README.md``; the target is the joined cache named ``target``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable
+from torch import nn
+from torchmetrics import MeanMetric
+
+from datamodules.atomic import write_json_atomic
+from datamodules.provenance import provenance
+from datamodules.shard_format import FORMAT_VERSION, subject_name
+from lightning_modules.components.batched_layers import BatchedLayerNorm
+from lightning_modules.components.diffusion_prior import DiffusionPrior
+from lightning_modules.components.losses import (
+    cosine_anneal,
+    cosine_loss,
+    mixco_inputs,
+    mixco_nce,
+    soft_clip_loss,
+)
+from lightning_modules.components.moe_encoder import HierarchicalMoE, MoEOutput
+from lightning_modules.components.subject_adapters import SubjectAdapters
+from lightning_modules.metrics import RetrievalMetric, retrieval_top1
+
+PriorInput = Literal["mean", "level_sums", "experts"]
+
+
+class BrainEncoderModule(L.LightningModule):
+    """MoRE-Brain stage 1.
+
+    Args:
+        moe: the subject-independent hierarchical MoE (its ``hidden_dim`` is the adapters' output width).
+        prior: optional brain -> CLIP diffusion prior trained jointly on ``prior_inputs``.
+        num_voxels: voxel count per subject (linked from ``data.num_voxels()`` by the CLI).
+        bottleneck: optional information bottleneck width inside every adapter (V -> b -> H).
+        target: name of the joined target in the batch (``clip_image`` or ``clip_text``).
+        clip_scale / prior_scale / cos_scale / mse_scale / prior_clip_scale / balance_scale: loss weights
+            (contrastive on the clip heads, prior MSE, 1 - cosine of the prior output, MSE of the clip heads,
+            contrastive on the prior output, differentiable balance term).
+        mixup_pct: BiMixCo during this fraction of training (then SoftCLIP); 0 disables.
+        mixco_temperature: BiMixCo temperature; softclip_temperature: (start, end) cosine-annealed after mixup.
+        supervise_levels: also supervise every level's clip sum, not only the level average.
+        prior_inputs: what the prior is trained on: the level average (reference), each level sum, each expert.
+        lr, weight_decay, adamw_impl, lr_scheduler, onecycle_pct_start, onecycle_final_div: AdamW (no decay on
+            biases and norms) with OneCycle as in the reference unless ``lr_scheduler`` is given.
+        repeat_average: evaluation averages test repeats at the model ``output`` (MindEye2) or ``input``.
+        retrieval_candidates / retrieval_draws: MindEye2 retrieval over min(300, N) candidates, 30 draws.
+        eval_prior_steps / eval_seed: deterministic prior sampling in validation, test and predict.
+        init_from / new_subjects: start from a stage-1 checkpoint; ``new_subjects`` get fresh adapters.
+    """
+
+    def __init__(self, moe: HierarchicalMoE, prior: DiffusionPrior | None = None,
+                 num_voxels: dict[str, int] | None = None, bottleneck: int | None = None,
+                 target: str = "clip_image", clip_scale: float = 1.0, prior_scale: float = 30.0,
+                 cos_scale: float = 0.5, mse_scale: float = 0.0, prior_clip_scale: float = 1.0,
+                 balance_scale: float = 0.0, mixup_pct: float = 0.33, mixco_temperature: float = 0.03,
+                 softclip_temperature: tuple[float, float] = (0.02, 0.0375), supervise_levels: bool = False,
+                 prior_inputs: list[PriorInput] | None = None, lr: float = 3e-4, weight_decay: float = 1e-2,
+                 adamw_impl: Literal["fused", "foreach", "plain"] = "fused",
+                 lr_scheduler: LRSchedulerCallable | None = None, onecycle_pct_start: float | None = None,
+                 onecycle_final_div: float = 1000.0, repeat_average: Literal["output", "input"] = "output",
+                 retrieval_candidates: int = 300, retrieval_draws: int = 30, eval_prior_steps: int | None = None,
+                 eval_seed: int = 0, init_from: str | None = None, new_subjects: list[str] | None = None):
+        super().__init__()
+        self.save_hyperparameters()  # under LightningCLI this records moe/prior as class_path + init_args
+        if not num_voxels:
+            raise ValueError("model.num_voxels is empty: give {subject: voxel count} (the CLI links it from data)")
+        self.num_voxels = {subject_name(k): int(v) for k, v in num_voxels.items()}
+        self.new_subjects = [subject_name(s) for s in new_subjects or []]
+        unknown = sorted(set(self.new_subjects) - set(self.num_voxels))
+        if unknown:
+            raise ValueError(f"model.new_subjects {unknown} are not among the data subjects {list(self.num_voxels)}")
+        if self.new_subjects and not init_from:
+            raise ValueError("model.new_subjects needs model.init_from (the checkpoint to add them to)")
+        self.moe, self.prior = moe, prior
+        self.adapters = SubjectAdapters(self.num_voxels, moe.hidden_dim, bottleneck)
+        self.prior_inputs = list(prior_inputs or ["mean"])
+        if prior is not None and prior.embed_dim != moe.out_dim:
+            raise ValueError(f"prior.embed_dim {prior.embed_dim} != moe.out_dim {moe.out_dim}")
+        self.val_retrieval = nn.ModuleDict({s: RetrievalMetric(retrieval_candidates, retrieval_draws, eval_seed)
+                                            for s in self.num_voxels})
+        self.val_prior_retrieval = nn.ModuleDict({s: RetrievalMetric(retrieval_candidates, retrieval_draws,
+                                                                     eval_seed) for s in self.num_voxels})
+        self.val_means = nn.ModuleDict({f"{s}__{m}": MeanMetric() for s in self.num_voxels
+                                        for m in ("cosine", "mse", "in_batch_fwd", "prior_cosine", "prior_mse")})
+        self.run_config: str | None = None  # the resolved config, set by experiments.run
+        self.predictions: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, voxels: torch.Tensor, subject: str) -> MoEOutput:
+        """(B, V_s) voxels of ``subject`` -> MoEOutput."""
+        return self.moe(self.adapters(voxels, subject))
+
+    def forward(self, voxels: torch.Tensor, subject: str) -> torch.Tensor:
+        """(B, V_s) -> (B, D) level-averaged clip embedding."""
+        return self.encode(voxels, subject).clip_mean
+
+    def _progress(self) -> float:
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        return self.global_step / max(1, total)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> torch.Tensor:
+        progress = self._progress()
+        mixing = progress < self.hparams.mixup_pct
+        hidden, targets, betas, perms, offset = [], [], [], [], 0
+        for subject, sub in batch.items():
+            voxels = sub["voxels"]
+            if mixing:
+                voxels, beta, perm = mixco_inputs(voxels)
+                betas.append(beta)
+                perms.append(perm + offset)
+            hidden.append(self.adapters(voxels, subject))
+            targets.append(self._target(sub))
+            offset += len(voxels)
+        out = self.moe(torch.cat(hidden))
+        target = torch.cat(targets)
+        losses = self._losses(out, target, (torch.cat(betas), torch.cat(perms)) if mixing else None, progress)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=len(target))
+        self.log("train/mixing", float(mixing), batch_size=len(target))
+        return losses["loss"]
+
+    def _target(self, sub: dict[str, Any]) -> torch.Tensor:
+        if self.hparams.target not in sub:
+            raise KeyError(f"batch has no target {self.hparams.target!r}: add it to data.targets "
+                           f"(found keys {sorted(k for k in sub if isinstance(sub[k], torch.Tensor))})")
+        return sub[self.hparams.target].reshape(len(sub["nsd_id"]), -1)
+
+    def _contrastive(self, preds: torch.Tensor, target: torch.Tensor, mix: tuple | None, progress: float):
+        p, t = F.normalize(preds, dim=-1), F.normalize(target, dim=-1)
+        if mix is not None:
+            return mixco_nce(p, t, self.hparams.mixco_temperature, *mix)
+        start = self.hparams.mixup_pct
+        after = (progress - start) / max(1e-8, 1 - start)
+        return soft_clip_loss(p, t, cosine_anneal(*self.hparams.softclip_temperature, after))
+
+    def _prior_conditions(self, out: MoEOutput) -> torch.Tensor:
+        parts = []
+        for kind in self.prior_inputs:
+            if kind == "mean":
+                parts.append(out.backbone_mean[:, None])
+            elif kind == "level_sums":
+                parts.append(out.backbone_level_sums)
+            else:
+                parts.append(torch.cat(out.backbone, 1))
+        return torch.cat(parts, 1)  # (B, n_inputs, D)
+
+    def _losses(self, out: MoEOutput, target: torch.Tensor, mix: tuple | None, progress: float):
+        h = self.hparams
+        losses: dict[str, torch.Tensor] = {}
+        preds = [out.clip_mean] + ([out.clip_level_sums[:, lvl] for lvl in range(self.moe.num_levels)]
+                                   if h.supervise_levels else [])
+        losses["clip"] = torch.stack([self._contrastive(p, target, mix, progress) for p in preds]).mean()
+        total = h.clip_scale * losses["clip"]
+        if h.mse_scale:
+            losses["mse"] = F.mse_loss(out.clip_mean, target)
+            total = total + h.mse_scale * losses["mse"]
+        if self.prior is not None:
+            cond = self._prior_conditions(out)
+            n_inputs = cond.shape[1]
+            losses["prior"], pred = self.prior.loss(cond.reshape(-1, cond.shape[-1]),
+                                                    target.repeat_interleave(n_inputs, 0))
+            prior_out = pred.reshape(len(target), n_inputs, -1)[:, 0]
+            losses["prior_cos"] = cosine_loss(prior_out, target)
+            total = total + h.prior_scale * losses["prior"] + h.cos_scale * losses["prior_cos"]
+            if h.prior_clip_scale:
+                losses["prior_clip"] = self._contrastive(prior_out, target, mix, progress)
+                total = total + h.prior_clip_scale * losses["prior_clip"]
+        losses["balance"] = out.balance
+        if h.balance_scale:
+            total = total + h.balance_scale * out.balance
+        losses["loss"] = total
+        return losses
+
+    # ------------------------------------------------------------------ evaluation
+    def encode_repeats(self, voxels: torch.Tensor, mask: torch.Tensor, subject: str) -> tuple[MoEOutput, Any]:
+        """(b, R, V) voxels and (b, R) repeat mask -> MoEOutput over b*R (output averaging) or b (input averaging)
+        rows, and a function that averages a (rows, ...) tensor to (b, ...)."""
+        b, r, v = voxels.shape
+        weights = mask.float() / mask.float().sum(1, keepdim=True).clamp_min(1)
+        if self.hparams.repeat_average == "input":
+            out = self.encode((voxels * weights[..., None]).sum(1), subject)
+            return out, lambda x: x
+        out = self.encode(voxels.reshape(b * r, v), subject)
+
+        def average(x: torch.Tensor) -> torch.Tensor:
+            x = x.reshape(b, r, *x.shape[1:])
+            return (x * weights.reshape(b, r, *([1] * (x.dim() - 2)))).sum(1)
+        return out, average
+
+    def _sample_prior(self, condition: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.hparams.eval_seed * 100003 + batch_idx)
+        return self.prior.sample(condition, generator=generator, steps=self.hparams.eval_prior_steps)
+
+    def _evaluate_batch(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        subject = batch["subject"]
+        valid = batch["valid"]
+        out, average = self.encode_repeats(batch["voxels"][valid], batch["repeat_mask"][valid], subject)
+        target = self._target(batch)[valid]
+        result = {"clip": average(out.clip_mean), "backbone": average(out.backbone_mean), "target": target,
+                  "nsd_id": batch["nsd_id"][valid], "out": out, "average": average}
+        if self.prior is not None:
+            result["prior"] = self._sample_prior(result["backbone"], batch_idx)
+        return result
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not batch["valid"].any():
+            return
+        r = self._evaluate_batch(batch, batch_idx)
+        s = batch["subject"]
+        self.val_retrieval[s].update(r["clip"], r["target"], r["nsd_id"])
+        n = len(r["target"])
+        self.val_means[f"{s}__cosine"].update(F.cosine_similarity(r["clip"], r["target"]).mean(), n)
+        self.val_means[f"{s}__mse"].update(F.mse_loss(r["clip"], r["target"]), n)
+        in_batch, _ = retrieval_top1(r["clip"], r["target"], candidates=n, draws=1)
+        self.val_means[f"{s}__in_batch_fwd"].update(torch.tensor(in_batch), n)
+        if "prior" in r:
+            self.val_prior_retrieval[s].update(r["prior"], r["target"], r["nsd_id"])
+            self.val_means[f"{s}__prior_cosine"].update(F.cosine_similarity(r["prior"], r["target"]).mean(), n)
+            self.val_means[f"{s}__prior_mse"].update(F.mse_loss(r["prior"], r["target"]), n)
+
+    def _collect_metrics(self, stage: str) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for s in self.num_voxels:
+            for name, metric in (("", self.val_retrieval[s]), ("prior_", self.val_prior_retrieval[s])):
+                if metric.update_count:
+                    values = metric.compute()
+                    metrics[f"{stage}/{s}/{name}fwd_top1"] = float(values["fwd_top1"])
+                    metrics[f"{stage}/{s}/{name}bwd_top1"] = float(values["bwd_top1"])
+                    metrics[f"{stage}/{s}/{name}candidates"] = float(min(self.hparams.retrieval_candidates,
+                                                                         int(values["count"])))
+                metric.reset()
+            for m in ("cosine", "mse", "in_batch_fwd", "prior_cosine", "prior_mse"):
+                metric = self.val_means[f"{s}__{m}"]
+                if metric.update_count:
+                    metrics[f"{stage}/{s}/{m}"] = float(metric.compute())
+                metric.reset()
+        fwd = [v for k, v in metrics.items() if k.endswith("/fwd_top1") and "prior_" not in k]
+        if fwd:
+            metrics[f"{stage}/fwd_top1"] = sum(fwd) / len(fwd)
+        return metrics
+
+    def on_validation_epoch_end(self) -> None:
+        for name, value in self._collect_metrics("val").items():
+            self.log(name, value, sync_dist=False, rank_zero_only=False)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        metrics = self._collect_metrics("test")
+        for name, value in metrics.items():
+            self.log(name, value, sync_dist=False)
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            record = {"metrics": metrics, "repeat_average": self.hparams.repeat_average,
+                      "provenance": self.provenance()}
+            write_json_atomic(Path(self.trainer.log_dir) / "test_metrics.json", record)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        r = self._evaluate_batch(batch, batch_idx)
+        out, average = r["out"], r["average"]
+        rows = len(r["nsd_id"])
+        record = {"subject": batch["subject"], "nsd_id": r["nsd_id"].cpu(), "clip_mean": r["clip"].cpu(),
+                  "backbone_mean": r["backbone"].cpu(), "target": r["target"].cpu()}
+        if "prior" in r:
+            record["prior"] = r["prior"].cpu()
+        for level in range(self.moe.num_levels):
+            record[f"backbone_level{level}"] = average(out.backbone[level]).cpu()
+            record[f"clip_level{level}"] = average(out.clip[level]).cpu()
+            routing = out.routing[level]
+            record[f"routing_indices_level{level}"] = routing.indices.reshape(rows, -1, *routing.indices.shape[1:]).cpu()
+            record[f"routing_gates_level{level}"] = routing.gates.reshape(rows, -1, *routing.gates.shape[1:]).cpu()
+            record[f"routing_parent_level{level}"] = routing.parent.cpu()
+        return record
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        h = self.hparams
+        no_decay = set()
+        for module in self.modules():
+            if isinstance(module, (nn.LayerNorm, BatchedLayerNorm)):
+                no_decay.update(id(p) for p in module.parameters(recurse=False))
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                no_decay.add(id(p))
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": h.weight_decay},
+                  {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
+        impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {"foreach": False}}[h.adamw_impl]
+        optimizer = torch.optim.AdamW(groups, lr=h.lr, **impl)
+        if h.lr_scheduler is not None:
+            scheduler = h.lr_scheduler(optimizer)
+        else:
+            epochs = max(1, self.trainer.max_epochs or 1)
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=h.lr, total_steps=max(2, int(self.trainer.estimated_stepping_batches)),
+                pct_start=h.onecycle_pct_start or min(0.3, 2 / epochs), final_div_factor=h.onecycle_final_div)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ transfer and provenance
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.init_from and not getattr(self, "_initialised_from", False):
+            self.load_from_stage1(self.hparams.init_from, self.new_subjects)
+            self._initialised_from = True
+
+    def load_from_stage1(self, path: str, new_subjects: list[str]) -> None:
+        """Load every weight from a stage-1 checkpoint except the adapters of ``new_subjects`` (kept fresh)."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model.init_from: no checkpoint at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        fresh = tuple(f"adapters.adapters.{s}." for s in new_subjects)
+        own = self.state_dict()
+        load = {k: v for k, v in state.items() if k in own and not k.startswith(fresh)}
+        missing = [k for k in own if k not in load and not k.startswith(fresh)]
+        if missing:
+            raise ValueError(f"model.init_from {path} lacks {missing[:4]}{'...' if len(missing) > 4 else ''}: "
+                             "is a subject missing from model.new_subjects, or is the architecture different?")
+        self.load_state_dict(load, strict=False)
+
+    def provenance(self) -> dict[str, Any]:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data: dict[str, Any] = {"subjects": list(self.num_voxels), "data_format_version": FORMAT_VERSION}
+        if dm is not None and getattr(dm, "metas", None):
+            data["data_dir"] = str(dm.data_dir)
+            data["sessions"] = {s: dm.sessions(s) for s in dm.subjects}
+            data["normalisation"] = {s: dm.metas[s]["normalisation"].get("kind") for s in dm.subjects}
+            data["val_images"] = dm.val_images
+        return provenance(resolved_config=self.run_config, **data)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["provenance"] = self.provenance()

@@ -1,0 +1,130 @@
+"""Stage 1 through the real entry point on tiny configs: fit, test, predict, provenance, adding a subject."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.run import cli_main
+from lightning_modules.target_caching import cache_targets
+from lightning_modules.tiny_models import make_tiny_clip
+
+REPO = Path(__file__).resolve().parent.parent
+BASE = str(REPO / "configs" / "base" / "trainer.yaml")
+TINY = str(REPO / "configs" / "stage1" / "tiny_synthetic.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_models"), embed_dim=32, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def targets(small_data, tiny_models) -> Path:
+    cache_targets(small_data, [1, 2, 3], small_data / "targets", image_model=str(tiny_models / "image_encoder"),
+                  text_model=str(tiny_models))
+    return small_data / "targets"
+
+
+def overrides(data_dir: Path, logs: Path, *extra: str) -> list[str]:
+    return ["--config", BASE, "--config", TINY, f"--data.init_args.data_dir={data_dir}",
+            "--data.init_args.num_workers=0", "--data.init_args.val_images=8",
+            f"--data.init_args.val_cache_dir={logs / 'val_cache'}", f"--trainer.default_root_dir={logs}",
+            f"--trainer.logger.init_args.save_dir={logs}", "--trainer.enable_progress_bar=false",
+            "--trainer.max_epochs=2", "--trainer.check_val_every_n_epoch=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def fitted(small_data, targets, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("runs")
+    cli = cli_main(["fit", *overrides(small_data, logs)])
+    return cli, logs
+
+
+def test_fit_writes_checkpoints_with_provenance_and_logs(fitted):
+    cli, logs = fitted
+    log_dir = Path(cli.trainer.log_dir)
+    assert (log_dir / "config.yaml").exists()
+    last = log_dir / "checkpoints" / "last.ckpt"
+    assert last.exists()
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == cli.trainer.global_step  # last.ckpt is the newest state, for resuming
+    prov = ckpt["provenance"]
+    assert prov["subjects"] == ["subj01", "subj02", "subj03"]
+    assert prov["sessions"]["subj01"] == [1, 2, 3] and prov["data_format_version"] == 1
+    assert prov["normalisation"]["subj02"] == "zscore_train"
+    assert "torch" in prov["package_versions"] and "git_commit" in prov
+    assert "HierarchicalMoE" in prov["resolved_config"] and "data_dir" in prov["resolved_config"]
+    assert ckpt["hyper_parameters"]["num_voxels"] == {"subj01": 300, "subj02": 240, "subj03": 360}
+    assert list(log_dir.glob("events.out.tfevents*"))
+    assert "val/fwd_top1" in cli.trainer.callback_metrics
+
+
+def test_test_and_predict_from_the_checkpoint(fitted, small_data, small_sim, tmp_path):
+    cli, _ = fitted
+    ckpt = str(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt")
+    logs = tmp_path / "eval"
+    tester = cli_main(["test", *overrides(small_data, logs), f"--ckpt_path={ckpt}"])
+    record = json.loads((Path(tester.trainer.log_dir) / "test_metrics.json").read_text())
+    for s in ("subj01", "subj02", "subj03"):
+        assert 0 <= record["metrics"][f"test/{s}/fwd_top1"] <= 1
+        assert record["metrics"][f"test/{s}/candidates"] == 20  # min(300, 20 shared test images)
+    assert record["provenance"]["subjects"] == ["subj01", "subj02", "subj03"]
+
+    predictor = cli_main(["predict", *overrides(small_data, tmp_path / "pred"), f"--ckpt_path={ckpt}",
+                          "--return_predictions=false"])
+    out = Path(predictor.trainer.log_dir) / "predictions"
+    arrays = np.load(out / "subj02.npz")
+    assert arrays["nsd_id"].tolist() == small_sim.test_ids.tolist()
+    assert arrays["backbone_level3"].shape == (20, 16, 32) and arrays["clip_mean"].shape == (20, 32)
+    assert arrays["prior"].shape == (20, 32)
+    assert arrays["routing_indices_level0"].shape == (20, 3, 2, 64)  # (N, repeats, E_0, k_0)
+    assert arrays["routing_parent_level2"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    meta = json.loads((out / "subj02.json").read_text())
+    assert meta["shapes"]["nsd_id"] == [20]
+
+
+def test_load_from_checkpoint_rebuilds_the_injected_parts(fitted):
+    from lightning_modules import BrainEncoderModule
+
+    cli, _ = fitted
+    ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    model = BrainEncoderModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    original = cli.model.eval()
+    voxels = torch.randn(4, 240)
+    assert torch.allclose(model(voxels, "subj02"), original(voxels, "subj02"), atol=1e-6)
+
+
+def test_adding_a_subject_from_a_checkpoint(fitted, small_data, tmp_path):
+    """init_from + new_subjects: the new subject's adapter is fresh, everything else comes from the checkpoint."""
+    cli, _ = fitted
+    ckpt = str(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt")
+    source = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    new = cli_main([*overrides(small_data, tmp_path), "--data.init_args.subjects=[subj01, subj03]",
+                    f"--model.init_args.init_from={ckpt}", "--model.init_args.new_subjects=[subj03]",
+                    "--trainer.max_epochs=0"], run=False)
+    new.trainer.fit(new.model, new.datamodule)
+    state = new.model.state_dict()
+    assert torch.equal(state["moe.routers.2.weight"], source["moe.routers.2.weight"])
+    assert torch.equal(state["adapters.adapters.subj01.weight"], source["adapters.adapters.subj01.weight"])
+    assert not torch.equal(state["adapters.adapters.subj03.weight"], source["adapters.adapters.subj03.weight"])
+    assert "adapters.adapters.subj02.weight" not in state
+
+
+def test_every_config_parses_through_the_real_cli():
+    stage_configs = sorted((REPO / "configs").glob("stage*/*.yaml"))
+    assert stage_configs
+    for config in stage_configs:
+        cli = cli_main(["--config", BASE, "--config", str(config)], run=False, instantiate=False)
+        assert cli.config["model"]["class_path"].endswith("BrainEncoderModule")
+
+
+def test_unknown_config_key_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["--config", BASE, "--config", TINY, "--model.init_args.no_such_option=1"], run=False,
+                 instantiate=False)
+    assert "no_such_option" in capsys.readouterr().err
