@@ -1,6 +1,10 @@
 """Run the benchmarks and write their JSON results (``make bench``).
 
-    python -m experiments.bench [--out bench_results] [--work data/bench]
+    python -m experiments.bench [--only data stage1] [--out bench_results] [--work data/bench]
+
+data:   train loader vs a bare webdataset decode loop over the same shards; peak memory vs sessions.
+stage1: paper-scale encoder (V 15724, H 4096, 2-4-8-16, B 24, fp32, 2 threads) train step and eval forward vs
+        the same GEMMs plus fused AdamW (the floor).
 """
 
 from __future__ import annotations
@@ -10,19 +14,28 @@ import json
 import sys
 from pathlib import Path
 
-from datamodules import benchmark
+from datamodules import benchmark as data_benchmark
 from datamodules.atomic import write_json_atomic
+from datamodules.provenance import provenance
+from lightning_modules import benchmark_stage1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=("data", "stage1"), default=["data", "stage1"])
     parser.add_argument("--out", default="bench_results", help="directory for the JSON results")
     parser.add_argument("--work", default="data/bench", help="where the benchmark data is generated (kept)")
     parser.add_argument("--samples", type=int, default=960)
     args = parser.parse_args(argv)
-    result = benchmark.run(Path(args.work), num_samples=args.samples)
-    write_json_atomic(Path(args.out) / "data_loader.json", result)
-    print(json.dumps({k: v for k, v in result.items() if k != "provenance"}, indent=2))
+    results = {}
+    if "data" in args.only:
+        results["data_loader"] = data_benchmark.run(Path(args.work), num_samples=args.samples)
+    if "stage1" in args.only:
+        results["stage1_encoder"] = {**benchmark_stage1.run(), "provenance": provenance()}
+    for name, result in results.items():
+        write_json_atomic(Path(args.out) / f"{name}.json", result)
+        print(json.dumps({k: v for k, v in result.items() if k != "provenance"}, indent=2))
     return 0
 
 

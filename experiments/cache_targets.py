@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subjects", nargs="+", required=True)
     parser.add_argument("--image-model", default=None, help="local CLIP vision model directory")
     parser.add_argument("--text-model", default=None, help="local SDXL directory (text_encoder_2, tokenizer_2)")
+    parser.add_argument("--image-tokens", action="store_true",
+                        help="also cache the image model's patch tokens (MindEye2's 256 x 1664 target)")
     parser.add_argument("--out", default=None, help="cache root (default DATA/targets)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.image_model or args.text_model):
         parser.error("give --image-model and/or --text-model")
     written = cache_targets(args.data, args.subjects, args.out or Path(args.data) / "targets",
-                            image_model=args.image_model, text_model=args.text_model,
+                            image_model=args.image_model, text_model=args.text_model, image_tokens=args.image_tokens,
                             batch_size=args.batch_size, device=args.device)
     for name, path in written.items():
         print(f"wrote {name} -> {path}")

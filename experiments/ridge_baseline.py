@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -15,14 +14,8 @@ from pathlib import Path
 from datamodules.atomic import write_json_atomic
 from datamodules.provenance import provenance
 from experiments._cli import run_main
-from experiments.run import cli_main
+from experiments._config import build, load_config
 from lightning_modules.ridge_baseline import ridge_baseline
-
-
-def build_from_config(section: dict):
-    """Instantiate a ``class_path`` / ``init_args`` config section."""
-    module, _, name = section["class_path"].rpartition(".")
-    return getattr(importlib.import_module(module), name)(**section.get("init_args", {}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", default=None, help="a stage-1 test_metrics.json to print beside")
     parser.add_argument("--out", default=None, help="write the baseline's results here (JSON)")
     args = parser.parse_args(argv)
-    config_args = [a for c in args.config for a in ("--config", c)]
-    config = cli_main(config_args, run=False, instantiate=False).config.as_dict()
-    dm = build_from_config(config["data"])
+    config = load_config(args.config)
+    dm = build(config["data"])
     model_args = config["model"]["init_args"]
     target = model_args.get("target", "clip_image")
     results = ridge_baseline(dm, target, model_args.get("retrieval_candidates", 300),

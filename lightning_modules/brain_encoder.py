@@ -31,6 +31,7 @@ from lightning_modules.components.losses import (
 )
 from lightning_modules.components.moe_encoder import HierarchicalMoE, MoEOutput
 from lightning_modules.components.subject_adapters import SubjectAdapters
+from lightning_modules.components.token_head import TokenHead
 from lightning_modules.metrics import RetrievalMetric, retrieval_top1
 
 PriorInput = Literal["mean", "level_sums", "experts"]
@@ -58,6 +59,9 @@ class BrainEncoderModule(L.LightningModule):
         retrieval_candidates / retrieval_draws: MindEye2 retrieval over min(300, N) candidates, 30 draws.
         eval_prior_steps / eval_seed: deterministic prior sampling in validation, test and predict.
         init_from / new_subjects: start from a stage-1 checkpoint; ``new_subjects`` get fresh adapters.
+        token_head / token_target / token_scale: optional MindEye2 token target (e.g. 256 x 1664 bigG patch
+            tokens, the joined cache ``token_target``) predicted by one shared head on the level-averaged backbone,
+            trained with SoftCLIP on the flattened tokens.
     """
 
     def __init__(self, moe: HierarchicalMoE, prior: DiffusionPrior | None = None,
@@ -71,7 +75,8 @@ class BrainEncoderModule(L.LightningModule):
                  lr_scheduler: LRSchedulerCallable | None = None, onecycle_pct_start: float | None = None,
                  onecycle_final_div: float = 1000.0, repeat_average: Literal["output", "input"] = "output",
                  retrieval_candidates: int = 300, retrieval_draws: int = 30, eval_prior_steps: int | None = None,
-                 eval_seed: int = 0, init_from: str | None = None, new_subjects: list[str] | None = None):
+                 eval_seed: int = 0, init_from: str | None = None, new_subjects: list[str] | None = None,
+                 token_head: TokenHead | None = None, token_target: str | None = None, token_scale: float = 1.0):
         super().__init__()
         self.save_hyperparameters()  # under LightningCLI this records moe/prior as class_path + init_args
         if not num_voxels:
@@ -83,7 +88,9 @@ class BrainEncoderModule(L.LightningModule):
             raise ValueError(f"model.new_subjects {unknown} are not among the data subjects {list(self.num_voxels)}")
         if self.new_subjects and not init_from:
             raise ValueError("model.new_subjects needs model.init_from (the checkpoint to add them to)")
-        self.moe, self.prior = moe, prior
+        self.moe, self.prior, self.token_head = moe, prior, token_head
+        if (token_head is None) != (token_target is None):
+            raise ValueError("model.token_head and model.token_target go together (give both or neither)")
         self.adapters = SubjectAdapters(self.num_voxels, moe.hidden_dim, bottleneck)
         self.prior_inputs = list(prior_inputs or ["mean"])
         if prior is not None and prior.embed_dim != moe.out_dim:
@@ -93,7 +100,8 @@ class BrainEncoderModule(L.LightningModule):
         self.val_prior_retrieval = nn.ModuleDict({s: RetrievalMetric(retrieval_candidates, retrieval_draws,
                                                                      eval_seed) for s in self.num_voxels})
         self.val_means = nn.ModuleDict({f"{s}__{m}": MeanMetric() for s in self.num_voxels
-                                        for m in ("cosine", "mse", "in_batch_fwd", "prior_cosine", "prior_mse")})
+                                        for m in ("cosine", "mse", "in_batch_fwd", "prior_cosine", "prior_mse",
+                                                  "token_in_batch_fwd")})
         self.run_config: str | None = None  # the resolved config, set by experiments.run
         self.predictions: list[dict[str, Any]] = []
 
@@ -114,7 +122,7 @@ class BrainEncoderModule(L.LightningModule):
     def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> torch.Tensor:
         progress = self._progress()
         mixing = progress < self.hparams.mixup_pct
-        hidden, targets, betas, perms, offset = [], [], [], [], 0
+        hidden, targets, tokens, betas, perms, offset = [], [], [], [], [], 0
         for subject, sub in batch.items():
             voxels = sub["voxels"]
             if mixing:
@@ -123,20 +131,29 @@ class BrainEncoderModule(L.LightningModule):
                 perms.append(perm + offset)
             hidden.append(self.adapters(voxels, subject))
             targets.append(self._target(sub))
+            if self.token_head is not None:
+                tokens.append(self._target(sub, self.hparams.token_target))
             offset += len(voxels)
         out = self.moe(torch.cat(hidden))
         target = torch.cat(targets)
-        losses = self._losses(out, target, (torch.cat(betas), torch.cat(perms)) if mixing else None, progress)
+        mix = (torch.cat(betas), torch.cat(perms)) if mixing else None
+        losses = self._losses(out, target, mix, progress)
+        if self.token_head is not None:
+            losses["token"] = self._contrastive(self.token_head(out.backbone_mean).flatten(1), torch.cat(tokens),
+                                                mix, progress)
+            losses["loss"] = losses["loss"] + self.hparams.token_scale * losses["token"]
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=len(target))
         self.log("train/mixing", float(mixing), batch_size=len(target))
         return losses["loss"]
 
-    def _target(self, sub: dict[str, Any]) -> torch.Tensor:
-        if self.hparams.target not in sub:
-            raise KeyError(f"batch has no target {self.hparams.target!r}: add it to data.targets "
+    def _target(self, sub: dict[str, Any], name: str | None = None) -> torch.Tensor:
+        """The joined target ``name`` (default ``model.target``) of a sub-batch, flattened to (b, -1)."""
+        name = name or self.hparams.target
+        if name not in sub:
+            raise KeyError(f"batch has no target {name!r}: add it to data.targets "
                            f"(found keys {sorted(k for k in sub if isinstance(sub[k], torch.Tensor))})")
-        return sub[self.hparams.target].reshape(len(sub["nsd_id"]), -1)
+        return sub[name].reshape(len(sub["nsd_id"]), -1)
 
     def _contrastive(self, preds: torch.Tensor, target: torch.Tensor, mix: tuple | None, progress: float):
         p, t = F.normalize(preds, dim=-1), F.normalize(target, dim=-1)
@@ -226,6 +243,11 @@ class BrainEncoderModule(L.LightningModule):
         self.val_means[f"{s}__mse"].update(F.mse_loss(r["clip"], r["target"]), n)
         in_batch, _ = retrieval_top1(r["clip"], r["target"], candidates=n, draws=1)
         self.val_means[f"{s}__in_batch_fwd"].update(torch.tensor(in_batch), n)
+        if self.token_head is not None:
+            tokens = self.token_head(r["backbone"]).flatten(1)
+            token_fwd, _ = retrieval_top1(tokens, self._target(batch, self.hparams.token_target)[batch["valid"]],
+                                          candidates=n, draws=1)
+            self.val_means[f"{s}__token_in_batch_fwd"].update(torch.tensor(token_fwd), n)
         if "prior" in r:
             self.val_prior_retrieval[s].update(r["prior"], r["target"], r["nsd_id"])
             self.val_means[f"{s}__prior_cosine"].update(F.cosine_similarity(r["prior"], r["target"]).mean(), n)
@@ -242,7 +264,7 @@ class BrainEncoderModule(L.LightningModule):
                     metrics[f"{stage}/{s}/{name}candidates"] = float(min(self.hparams.retrieval_candidates,
                                                                          int(values["count"])))
                 metric.reset()
-            for m in ("cosine", "mse", "in_batch_fwd", "prior_cosine", "prior_mse"):
+            for m in ("cosine", "mse", "in_batch_fwd", "prior_cosine", "prior_mse", "token_in_batch_fwd"):
                 metric = self.val_means[f"{s}__{m}"]
                 if metric.update_count:
                     metrics[f"{stage}/{s}/{m}"] = float(metric.compute())

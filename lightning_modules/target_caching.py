@@ -45,30 +45,35 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 
 
 def cache_targets(data_dir: str | Path, subjects: list[str | int], out_dir: str | Path,
-                  image_model: str | None = None, text_model: str | None = None, batch_size: int = 64,
-                  device: str = "cpu") -> dict[str, Path]:
-    """Write ``out_dir/clip_image`` (image model) and/or ``out_dir/clip_text`` (text model) target caches over
-    every image of ``subjects``; returns the written directories."""
+                  image_model: str | None = None, text_model: str | None = None, image_tokens: bool = False,
+                  batch_size: int = 64, device: str = "cpu") -> dict[str, Path]:
+    """Write ``out_dir/clip_image`` (image model; with ``image_tokens`` also ``clip_image_tokens``, the patch
+    tokens MindEye2 targets) and/or ``out_dir/clip_text`` (text model) caches over every image of ``subjects``;
+    returns the written directories."""
     names = [subject_name(s) for s in subjects]
     out_dir, written = Path(out_dir), {}
     jobs = []
     if image_model:
         jobs.append(("clip_image", ClipImageEmbedder(image_model, option="--image-model"), "image_embeds"))
+    if image_model and image_tokens:
+        jobs.append(("clip_image_tokens", ClipImageEmbedder(image_model, option="--image-model", output="tokens"),
+                     "post_layernorm(last_hidden_state)[:, 1:] (patch tokens, no projection)"))
     if text_model:
         jobs.append(("clip_text", ClipTextEmbedder(text_model, option="--text-model"),
                      "text_encoder_2 hidden_states[-2] at EOS, caption mean"))
     for name, embedder, layer in jobs:
         embedder.to(device)
         ids, values = [], []
-        for batch in _batches(unique_images(data_dir, names, load_images=name == "clip_image"), batch_size):
-            if name == "clip_image":
+        is_image = name.startswith("clip_image")
+        for batch in _batches(unique_images(data_dir, names, load_images=is_image), batch_size):
+            if is_image:
                 images = torch.from_numpy(np.stack([b[1] for b in batch])).permute(0, 3, 1, 2).float() / 255
                 emb = embedder(images.to(device))
             else:
                 emb = embedder([b[2] for b in batch])
             ids += [b[0] for b in batch]
             values.append(emb.cpu().numpy().astype(np.float32))
-        source = image_model if name == "clip_image" else text_model
+        source = image_model if is_image else text_model
         written[name] = write_target_cache(out_dir / name, np.array(ids), np.concatenate(values),
                                            model=str(Path(source).resolve()), layer=layer,
                                            extra={"subjects": names, "data_dir": str(data_dir)})

@@ -31,14 +31,19 @@ def require_model_dir(path: str | Path, option: str, needs: tuple[str, ...] = ("
 
 
 class ClipImageEmbedder(nn.Module):
-    """(B, 3, H, W) images in [0, 1] -> (B, D) projected pooled CLIP embeddings.
+    """(B, 3, H, W) images in [0, 1] -> (B, D) projected pooled CLIP embeddings (``output="image_embeds"``), or
+    (B, T, C) patch tokens after the final LayerNorm without projection (``output="tokens"``, MindEye2's target).
 
     Preprocessing follows the directory's ``preprocessor_config.json`` (CLIPImageProcessor): resize the shortest
     edge (bicubic, antialiased), centre crop, normalise with its mean/std.
     """
 
-    def __init__(self, model_dir: str, option: str = "--image-model", dtype: torch.dtype = torch.float32):
+    def __init__(self, model_dir: str, option: str = "--image-model", dtype: torch.dtype = torch.float32,
+                 output: str = "image_embeds"):
         super().__init__()
+        if output not in ("image_embeds", "tokens"):
+            raise ValueError(f"output must be 'image_embeds' or 'tokens', got {output!r}")
+        self.output = output
         from transformers import CLIPVisionModelWithProjection
 
         directory = require_model_dir(model_dir, option, ("config.json", "preprocessor_config.json"))
@@ -65,7 +70,10 @@ class ClipImageEmbedder(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pixels = self.preprocess(images).to(self.model.dtype)
-        return self.model(pixel_values=pixels).image_embeds.float()
+        result = self.model(pixel_values=pixels)
+        if self.output == "tokens":
+            return self.model.vision_model.post_layernorm(result.last_hidden_state[:, 1:]).float()
+        return result.image_embeds.float()
 
 
 class ClipTextEmbedder(nn.Module):
