@@ -44,7 +44,8 @@ class BrainEncoderModule(L.LightningModule):
         moe: the subject-independent hierarchical MoE (its ``hidden_dim`` is the adapters' output width).
         prior: optional brain -> CLIP diffusion prior trained jointly on ``prior_inputs``.
         num_voxels: voxel count per subject (linked from ``data.num_voxels()`` by the CLI).
-        bottleneck: optional information bottleneck width inside every adapter (V -> b -> H).
+        b_size: optional information bottleneck width inside every adapter (V -> b -> H, two Linears, no
+            activation; the reference's --b_size); the MoE keeps its width H.
         target: name of the joined target in the batch (``clip_image`` or ``clip_text``).
         clip_scale / prior_scale / cos_scale / mse_scale / prior_clip_scale / balance_scale: loss weights
             (contrastive on the clip heads, prior MSE, 1 - cosine of the prior output, MSE of the clip heads,
@@ -65,7 +66,7 @@ class BrainEncoderModule(L.LightningModule):
     """
 
     def __init__(self, moe: HierarchicalMoE, prior: DiffusionPrior | None = None,
-                 num_voxels: dict[str, int] | None = None, bottleneck: int | None = None,
+                 num_voxels: dict[str, int] | None = None, b_size: int | None = None,
                  target: str = "clip_image", clip_scale: float = 1.0, prior_scale: float = 30.0,
                  cos_scale: float = 0.5, mse_scale: float = 0.0, prior_clip_scale: float = 1.0,
                  balance_scale: float = 0.0, mixup_pct: float = 0.33, mixco_temperature: float = 0.03,
@@ -91,7 +92,7 @@ class BrainEncoderModule(L.LightningModule):
         self.moe, self.prior, self.token_head = moe, prior, token_head
         if (token_head is None) != (token_target is None):
             raise ValueError("model.token_head and model.token_target go together (give both or neither)")
-        self.adapters = SubjectAdapters(self.num_voxels, moe.hidden_dim, bottleneck)
+        self.adapters = SubjectAdapters(self.num_voxels, moe.hidden_dim, b_size)
         self.prior_inputs = list(prior_inputs or ["mean"])
         if prior is not None and prior.embed_dim != moe.out_dim:
             raise ValueError(f"prior.embed_dim {prior.embed_dim} != moe.out_dim {moe.out_dim}")
