@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import Any
-from unittest import mock
 
 from experiments.run import cli_main
 
@@ -13,8 +11,7 @@ from experiments.run import cli_main
 def load_config(configs: list[str], overrides: list[str] | None = None) -> dict[str, Any]:
     """Parse and validate ``--config`` files (+ overrides) through the CLI; returns the config as a dict."""
     args = [a for c in configs for a in ("--config", c)] + list(overrides or [])
-    with mock.patch.object(sys, "argv", sys.argv[:1]):  # this command's own flags are not the CLI's
-        return cli_main(args, run=False, instantiate=False).config.as_dict()
+    return cli_main(args, run=False, instantiate=False).config.as_dict()
 
 
 def build(spec: Any) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -45,10 +46,14 @@ class MoreBrainCLI(LightningCLI):
 
 
 def cli_main(args: list[str] | None = None, run: bool = True, instantiate: bool = True) -> MoreBrainCLI:
-    """Build (and by default run) the CLI; tests call it with ``args`` and ``run=False``."""
-    return MoreBrainCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                        parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
-                        args=args, run=run, instantiate=instantiate, auto_configure_optimizers=False)
+    """Build (and by default run) the CLI; tests and other commands call it with ``args`` (the calling process's
+    own command line is then not the CLI's)."""
+    argv = sys.argv[:1] if args is not None else sys.argv
+    with mock.patch.object(sys, "argv", argv):
+        return MoreBrainCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
+                            subclass_mode_data=True, parser_kwargs={"parser_mode": "omegaconf"},
+                            save_config_kwargs={"overwrite": True}, args=args, run=run, instantiate=instantiate,
+                            auto_configure_optimizers=False)
 
 
 if __name__ == "__main__":

@@ -222,37 +222,44 @@ class BrainEncoderModule(L.LightningModule):
         generator = torch.Generator().manual_seed(self.hparams.eval_seed * 100003 + batch_idx)
         return self.prior.sample(condition, generator=generator, steps=self.hparams.eval_prior_steps)
 
-    def _evaluate_batch(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        subject = batch["subject"]
+    def _evaluate_batch(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Run the whole (possibly padded) batch, then keep the valid rows: every rank computes the same shapes
+        even when its share is only padding. Returns clip/backbone/target/prior (n_valid, D), nsd_id, and the
+        MoE output with a function averaging (rows, ...) -> (b, ...)."""
         valid = batch["valid"]
-        out, average = self.encode_repeats(batch["voxels"][valid], batch["repeat_mask"][valid], subject)
-        target = self._target(batch)[valid]
-        result = {"clip": average(out.clip_mean), "backbone": average(out.backbone_mean), "target": target,
-                  "nsd_id": batch["nsd_id"][valid], "out": out, "average": average}
+        out, average = self.encode_repeats(batch["voxels"], batch["repeat_mask"], batch["subject"])
+        backbone = average(out.backbone_mean)
+        result = {"clip": average(out.clip_mean)[valid], "backbone": backbone[valid],
+                  "target": self._target(batch)[valid], "nsd_id": batch["nsd_id"][valid], "out": out,
+                  "average": average, "valid": valid}
         if self.prior is not None:
-            result["prior"] = self._sample_prior(result["backbone"], batch_idx)
+            result["prior"] = self._sample_prior(backbone, batch_idx)[valid]
         return result
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not batch["valid"].any():
-            return
-        r = self._evaluate_batch(batch, batch_idx)
+        """Updates every metric on every rank, even with no valid rows (a rank holding only DDP padding), so that
+        all ranks take part in the same reductions."""
         s = batch["subject"]
-        self.val_retrieval[s].update(r["clip"], r["target"], r["nsd_id"])
+        r = self._evaluate_batch(batch, batch_idx)
         n = len(r["target"])
-        self.val_means[f"{s}__cosine"].update(F.cosine_similarity(r["clip"], r["target"]).mean(), n)
-        self.val_means[f"{s}__mse"].update(F.mse_loss(r["clip"], r["target"]), n)
-        in_batch, _ = retrieval_top1(r["clip"], r["target"], candidates=n, draws=1)
-        self.val_means[f"{s}__in_batch_fwd"].update(torch.tensor(in_batch), n)
+        self.val_retrieval[s].update(r["clip"], r["target"], r["nsd_id"])
+        self._update_mean(f"{s}__cosine", lambda: F.cosine_similarity(r["clip"], r["target"]).mean(), n)
+        self._update_mean(f"{s}__mse", lambda: F.mse_loss(r["clip"], r["target"]), n)
+        self._update_mean(f"{s}__in_batch_fwd",
+                          lambda: torch.tensor(retrieval_top1(r["clip"], r["target"], candidates=n, draws=1)[0]), n)
         if self.token_head is not None:
             tokens = self.token_head(r["backbone"]).flatten(1)
-            token_fwd, _ = retrieval_top1(tokens, self._target(batch, self.hparams.token_target)[batch["valid"]],
-                                          candidates=n, draws=1)
-            self.val_means[f"{s}__token_in_batch_fwd"].update(torch.tensor(token_fwd), n)
+            token_target = self._target(batch, self.hparams.token_target)[batch["valid"]]
+            self._update_mean(f"{s}__token_in_batch_fwd", lambda: torch.tensor(
+                retrieval_top1(tokens, token_target, candidates=n, draws=1)[0]), n)
         if "prior" in r:
             self.val_prior_retrieval[s].update(r["prior"], r["target"], r["nsd_id"])
-            self.val_means[f"{s}__prior_cosine"].update(F.cosine_similarity(r["prior"], r["target"]).mean(), n)
-            self.val_means[f"{s}__prior_mse"].update(F.mse_loss(r["prior"], r["target"]), n)
+            self._update_mean(f"{s}__prior_cosine", lambda: F.cosine_similarity(r["prior"], r["target"]).mean(), n)
+            self._update_mean(f"{s}__prior_mse", lambda: F.mse_loss(r["prior"], r["target"]), n)
+
+    def _update_mean(self, name: str, value, weight: int) -> None:
+        metric = self.val_means[name]
+        metric.update(value().to(metric.device) if weight else torch.zeros((), device=metric.device), weight)
 
     def _collect_metrics(self, stage: str) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -293,18 +300,18 @@ class BrainEncoderModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         r = self._evaluate_batch(batch, batch_idx)
-        out, average = r["out"], r["average"]
-        rows = len(r["nsd_id"])
+        out, average, valid = r["out"], r["average"], r["valid"]
+        rows = len(valid)
         record = {"subject": batch["subject"], "nsd_id": r["nsd_id"].cpu(), "clip_mean": r["clip"].cpu(),
                   "backbone_mean": r["backbone"].cpu(), "target": r["target"].cpu()}
         if "prior" in r:
             record["prior"] = r["prior"].cpu()
         for level in range(self.moe.num_levels):
-            record[f"backbone_level{level}"] = average(out.backbone[level]).cpu()
-            record[f"clip_level{level}"] = average(out.clip[level]).cpu()
+            record[f"backbone_level{level}"] = average(out.backbone[level])[valid].cpu()
+            record[f"clip_level{level}"] = average(out.clip[level])[valid].cpu()
             routing = out.routing[level]
-            record[f"routing_indices_level{level}"] = routing.indices.reshape(rows, -1, *routing.indices.shape[1:]).cpu()
-            record[f"routing_gates_level{level}"] = routing.gates.reshape(rows, -1, *routing.gates.shape[1:]).cpu()
+            for name, value in (("indices", routing.indices), ("gates", routing.gates)):
+                record[f"routing_{name}_level{level}"] = value.reshape(rows, -1, *value.shape[1:])[valid].cpu()
             record[f"routing_parent_level{level}"] = routing.parent.cpu()
         return record
 

@@ -41,3 +41,21 @@ def tiny_mindeye2(root: Path, seed: int = 0) -> Path:
     cfg = SyntheticNSDConfig(seed=seed, voxels=(64,), num_sessions=2, trials_per_session=30, num_test_images=5,
                              image_size=16)
     return write_mindeye2_layout(simulate(cfg), root)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """Tiny random CLIP image/text models saved to a local directory (32-wide targets)."""
+    from lightning_modules.tiny_models import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_models"), embed_dim=32, image_size=32)
+
+
+@pytest.fixture(scope="session")
+def targets(small_data, tiny_models) -> Path:
+    """Image and text target caches of the small synthetic dataset under ``small_data/targets``."""
+    from lightning_modules.target_caching import cache_targets
+
+    cache_targets(small_data, [1, 2, 3], small_data / "targets", image_model=str(tiny_models / "image_encoder"),
+                  text_model=str(tiny_models))
+    return small_data / "targets"

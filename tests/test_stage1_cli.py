@@ -10,24 +10,10 @@ import pytest
 import torch
 
 from experiments.run import cli_main
-from lightning_modules.target_caching import cache_targets
-from lightning_modules.tiny_models import make_tiny_clip
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = str(REPO / "configs" / "base" / "trainer.yaml")
 TINY = str(REPO / "configs" / "stage1" / "tiny_synthetic.yaml")
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory) -> Path:
-    return make_tiny_clip(tmp_path_factory.mktemp("tiny_models"), embed_dim=32, image_size=32)
-
-
-@pytest.fixture(scope="module")
-def targets(small_data, tiny_models) -> Path:
-    cache_targets(small_data, [1, 2, 3], small_data / "targets", image_model=str(tiny_models / "image_encoder"),
-                  text_model=str(tiny_models))
-    return small_data / "targets"
 
 
 def overrides(data_dir: Path, logs: Path, *extra: str) -> list[str]:

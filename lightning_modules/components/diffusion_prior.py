@@ -28,6 +28,10 @@ class DiffusionPrior(nn.Module):
             num_attention_heads=num_heads, attention_head_dim=head_dim, num_layers=num_layers,
             embedding_dim=embed_dim, num_embeddings=0, additional_embeddings=4, dropout=dropout,
             encoder_hid_proj_type=None, added_emb_type="prd")
+        # PriorTransformer's clip_mean / clip_std only serve its post_process_latents, which this prior does not
+        # use: frozen, so that DDP sees no parameter without a gradient.
+        self.transformer.clip_mean.requires_grad_(False)
+        self.transformer.clip_std.requires_grad_(False)
         self.null_condition = nn.Parameter(torch.zeros(embed_dim))
         scheduler_config = dict(num_train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2",
                                 prediction_type="sample", clip_sample=False)
