@@ -19,9 +19,18 @@ from torch.utils.data import DataLoader
 
 from datamodules.errors import DataFormatError
 from datamodules.shard_format import load_subject_meta, subject_name
-from datamodules.streams import EvalStream, TrainStream
+from datamodules.streams import EvalStream, TrainStream, epoch_pass_batches
 from datamodules.target_cache import TargetCache
 from datamodules.val_split import build_val_shard, choose_val_ids, val_cache_path
+
+
+def _cap(deal: list[int], total: int) -> list[int]:
+    """Reduce per-worker batch counts (in worker order) so that they sum to ``total``."""
+    out, left = [], total
+    for n in deal:
+        out.append(min(n, left))
+        left -= out[-1]
+    return out
 
 
 class EpochLoader(DataLoader):
@@ -51,6 +60,10 @@ class NSDDataModule(L.LightningDataModule):
         num_workers: loader workers per subject loader.
         samples_per_epoch: training samples per epoch over all subjects and ranks (default: the number of
             training trials, i.e. about one pass); steps per epoch = samples_per_epoch // global batch.
+        train_sampling: ``resampled`` (default: shards drawn with replacement, fixed epoch length, no I/O overhead)
+            or ``epoch`` (an exact pass: every training trial at most once per epoch, equal batch counts on every
+            rank, each loader worker scanning the subject's shards; ``samples_per_epoch`` is then ignored and every
+            subject yields the batches of the subject with the fewest).
         val_images: whole training images per subject held out for validation (0: no validation).
         seed: seeds the validation choice, shard resampling and shuffling (mixed with subject, rank, worker, epoch).
         shuffle_buffer / shuffle_initial: sample shuffle buffer of the training stream.
@@ -69,7 +82,8 @@ class NSDDataModule(L.LightningDataModule):
                  pad_repeats: Literal["zeros", "duplicate"] = "zeros", load_images: bool = True,
                  targets: dict[str, str] | None = None, target_shapes: dict[str, list[int]] | None = None,
                  val_cache_dir: str | None = None, persistent_workers: bool = False, pin_memory: bool = False,
-                 predict_split: Literal["test", "val"] = "test"):
+                 predict_split: Literal["test", "val"] = "test",
+                 train_sampling: Literal["resampled", "epoch"] = "resampled"):
         super().__init__()
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
@@ -98,6 +112,9 @@ class NSDDataModule(L.LightningDataModule):
             raise DataFormatError(f"data.target_shapes names {sorted(unknown)}, which data.targets lacks")
         self.val_cache_dir = Path(val_cache_dir) if val_cache_dir else self.data_dir / "val_cache"
         self.predict_split = predict_split
+        if train_sampling not in ("resampled", "epoch"):
+            raise DataFormatError(f"data.train_sampling must be 'resampled' or 'epoch', got {train_sampling!r}")
+        self.train_sampling = train_sampling
         self.metas: dict[str, dict[str, Any]] = {}
         self._manual_rank: tuple[int, int] | None = None
 
@@ -151,8 +168,12 @@ class NSDDataModule(L.LightningDataModule):
         return self.trainer.current_epoch if self.trainer is not None else None
 
     def num_train_batches(self) -> int:
-        """Training batches per epoch on every rank = samples_per_epoch // (sum of batch sizes * world size)."""
+        """Training batches per epoch on every rank = samples_per_epoch // (sum of batch sizes * world size);
+        with ``train_sampling: epoch`` the exact-pass count of the subject with the fewest batches."""
         _, world = self.rank_and_world()
+        if self.train_sampling == "epoch":
+            return min(epoch_pass_batches(self.train_trials(s), world, max(self.num_workers, 1),
+                                          self.batch_sizes[s])[0] for s in self.subjects)
         samples = self.samples_per_epoch or sum(self.train_trials(s) for s in self.subjects)
         return max(1, samples // (sum(self.batch_sizes.values()) * world))
 
@@ -174,14 +195,20 @@ class NSDDataModule(L.LightningDataModule):
                 raise DataFormatError(f"{s}: no training trials left in sessions {self.sessions(s)}")
 
     def _train_stream(self, s: str, index: int) -> TrainStream:
-        rank, _ = self.rank_and_world()
+        rank, world = self.rank_and_world()
         meta = self.metas[s]
         sessions = set(self.sessions(s))
         shards = [str(self.data_dir / s / x["shard"]) for x in meta["sessions"] if x["session"] in sessions]
-        return TrainStream(shards, subject=s, batch_size=self.batch_sizes[s], num_batches=self.num_train_batches(),
-                           rank=rank, seed=self.seed + 1000 * index, exclude_ids=self.val_ids(s),
-                           shuffle_buffer=self.shuffle_buffer, shuffle_initial=self.shuffle_initial,
-                           load_images=self.load_images, targets=self.targets)
+        stream = TrainStream(shards, subject=s, batch_size=self.batch_sizes[s], num_batches=self.num_train_batches(),
+                             rank=rank, seed=self.seed + 1000 * index, exclude_ids=self.val_ids(s),
+                             shuffle_buffer=self.shuffle_buffer, shuffle_initial=self.shuffle_initial,
+                             load_images=self.load_images, targets=self.targets, sampling=self.train_sampling,
+                             world_size=world, num_samples=self.train_trials(s), num_workers=self.num_workers)
+        if self.train_sampling == "epoch":  # every subject yields as many batches as the one with the fewest
+            common = self.num_train_batches()
+            stream.deals = [_cap(deal, common) for deal in stream.deals]
+            stream.num_batches = common
+        return stream
 
     def _loader_kwargs(self) -> dict[str, Any]:
         return {"num_workers": self.num_workers, "pin_memory": self.pin_memory,

@@ -1,8 +1,9 @@
 """Iterable datasets that produce ready batches for one subject on one rank (loaders use ``batch_size=None``).
 
-``TrainStream``: shards resampled with replacement from a seeded RNG that differs across subjects, ranks, workers
-and epochs; a seeded shuffle buffer; exactly ``num_batches`` batches per rank split across workers, so every rank
-yields the same count for any number of shards (one session on 2 ranks x 2 workers included).
+``TrainStream``: by default (``sampling="resampled"``) shards are resampled with replacement from a seeded RNG that
+differs across subjects, ranks, workers and epochs; a seeded shuffle buffer; exactly ``num_batches`` batches per
+rank split across workers, so every rank yields the same count for any number of shards (one session on 2 ranks x
+2 workers included). ``sampling="epoch"`` is an exact pass instead: see ``epoch_pass_batches``.
 
 ``EvalStream``: a fixed list of samples in ascending ``nsd_id``, split into equal contiguous blocks per rank
 (padded with copies flagged ``valid = False``), batched, batches dealt to workers round-robin so that the loader
@@ -49,7 +50,8 @@ def _nsd_id(raw: Mapping[str, Any]) -> int:
 
 def collate(samples: Sequence[dict[str, Any]], subject: str, targets: Mapping[str, TargetCache]) -> dict[str, Any]:
     """Decoded samples -> sub-batch dict: ``voxels`` (b, V) or (b, R, V) float32, ``image`` (b, 3, H, W) in [0, 1],
-    ``nsd_id`` (b,), ``captions``/``categories`` (lists of lists), ``subject``, and one tensor per target."""
+    ``nsd_id`` (b,), ``captions``/``categories`` (lists of lists), ``subject``, one tensor per target, and for
+    training trials ``session``/``trial`` (b,)."""
     ids = np.array([s["info"]["nsd_id"] for s in samples], dtype=np.int64)
     batch: dict[str, Any] = {
         "subject": subject,
@@ -58,6 +60,9 @@ def collate(samples: Sequence[dict[str, Any]], subject: str, targets: Mapping[st
         "captions": [list(s["info"].get("captions", [])) for s in samples],
         "categories": [list(s["info"].get("categories", [])) for s in samples],
     }
+    if "session" in samples[0]["info"]:  # training trials: which scan session and trial each row is
+        batch["session"] = torch.tensor([s["info"]["session"] for s in samples])
+        batch["trial"] = torch.tensor([s["info"]["trial"] for s in samples])
     if samples[0]["image"] is not None:
         images = np.stack([s["image"] for s in samples])
         batch["image"] = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
@@ -66,15 +71,52 @@ def collate(samples: Sequence[dict[str, Any]], subject: str, targets: Mapping[st
     return batch
 
 
+def epoch_pass_batches(num_samples: int, world_size: int, num_workers: int, batch_size: int,
+                       ) -> tuple[int, list[list[int]]]:
+    """Exact-pass epoch: sample g of the epoch's stream goes to rank ``g % world`` and, within it, to worker
+    ``(g // world) % workers``. Returns the batches per rank (equal on all ranks: the smallest rank's full batches)
+    and, per rank, how many of them each worker yields. Depends on counts only, so it is fixed across epochs."""
+    def share(n: int, parts: int, index: int) -> int:
+        return len(range(index, n, parts))
+
+    full = [[share(share(num_samples, world_size, r), num_workers, w) // batch_size for w in range(num_workers)]
+            for r in range(world_size)]
+    total = min(sum(f) for f in full)
+    deals = []
+    for per_worker in full:
+        left, deal = total, []
+        for available in per_worker:
+            deal.append(min(available, left))
+            left -= deal[-1]
+        deals.append(deal)
+    return total, deals
+
+
 class TrainStream(IterableDataset):
-    """Resampled training batches of one subject for one rank: ``num_batches`` per epoch over all workers."""
+    """Training batches of one subject for one rank: ``num_batches`` per epoch over all workers.
+
+    ``sampling="resampled"``: shards drawn with replacement, per (seed, subject, rank, worker, epoch).
+    ``sampling="epoch"``: every rank and worker scans all shards in an epoch-seeded shard order shared by all ranks
+    and keeps its own round-robin share of the samples (``epoch_pass_batches``), so each sample is seen at most
+    once per epoch (the tail that does not fill a batch on every rank is dropped) at the cost of every worker
+    reading the subject's shards (decoding only its share).
+    """
 
     def __init__(self, shards: Sequence[str], *, subject: str, batch_size: int, num_batches: int, rank: int,
                  seed: int, exclude_ids: Sequence[int] = (), shuffle_buffer: int = 1000, shuffle_initial: int = 100,
-                 load_images: bool = True, targets: Mapping[str, TargetCache] | None = None):
+                 load_images: bool = True, targets: Mapping[str, TargetCache] | None = None,
+                 sampling: str = "resampled", world_size: int = 1, num_samples: int = 0, num_workers: int = 1):
         if not shards:
             raise DataFormatError(f"{subject}: no training shards selected")
+        if sampling not in ("resampled", "epoch"):
+            raise DataFormatError(f"data.train_sampling must be 'resampled' or 'epoch', got {sampling!r}")
         self.shards, self.subject, self.batch_size = list(shards), subject, batch_size
+        self.sampling, self.world_size, self.num_samples = sampling, world_size, num_samples
+        if sampling == "epoch":
+            num_batches, self.deals = epoch_pass_batches(num_samples, world_size, max(num_workers, 1), batch_size)
+            if num_batches == 0:
+                raise DataFormatError(f"{subject}: {num_samples} training samples are too few for a full batch of "
+                                      f"{batch_size} on each of {world_size} ranks x {num_workers} workers")
         self.num_batches, self.rank, self.seed = num_batches, rank, seed
         self.exclude_ids = frozenset(int(i) for i in exclude_ids)
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
@@ -85,11 +127,28 @@ class TrainStream(IterableDataset):
         return self.num_batches
 
     def batches_for_worker(self, worker: int, num_workers: int) -> int:
+        if self.sampling == "epoch":
+            if len(self.deals[self.rank]) != num_workers:
+                raise DataFormatError(f"{self.subject}: the loader has {num_workers} workers, the stream was "
+                                      f"planned for {len(self.deals[self.rank])}")
+            return self.deals[self.rank][worker]
         return self.num_batches // num_workers + (1 if worker < self.num_batches % num_workers else 0)
 
     def _urls(self, rng: random.Random) -> Iterator[dict[str, str]]:
         while True:
             yield {"url": rng.choice(self.shards)}
+
+    def _epoch_pass(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        order = list(self.shards)
+        random.Random(stream_seed("pass", self.seed, self.subject, epoch)).shuffle(order)
+        raw = wds.tarfile_to_samples(handler=raise_with_shard)({"url": u} for u in order)
+        index = 0
+        for sample in raw:
+            if self.exclude_ids and _nsd_id(sample) in self.exclude_ids:
+                continue
+            if index % self.world_size == self.rank and (index // self.world_size) % num_workers == worker:
+                yield sample
+            index += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = _worker()
@@ -97,11 +156,14 @@ class TrainStream(IterableDataset):
         n_batches = self.batches_for_worker(worker, num_workers)
         if n_batches == 0:
             return
-        shard_rng = random.Random(stream_seed("shards", self.seed, self.subject, self.rank, worker, epoch))
         shuffle_rng = random.Random(stream_seed("shuffle", self.seed, self.subject, self.rank, worker, epoch))
-        raw = wds.tarfile_to_samples(handler=raise_with_shard)(self._urls(shard_rng))
-        if self.exclude_ids:
-            raw = (s for s in raw if _nsd_id(s) not in self.exclude_ids)
+        if self.sampling == "epoch":
+            raw = self._epoch_pass(epoch, worker, num_workers)
+        else:
+            shard_rng = random.Random(stream_seed("shards", self.seed, self.subject, self.rank, worker, epoch))
+            raw = wds.tarfile_to_samples(handler=raise_with_shard)(self._urls(shard_rng))
+            if self.exclude_ids:
+                raw = (s for s in raw if _nsd_id(s) not in self.exclude_ids)
         raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_initial, rng=shuffle_rng)(raw)
         pending: list[dict[str, Any]] = []
         emitted = 0

@@ -90,6 +90,7 @@ class BrainEncoderModule(L.LightningModule):
         if self.new_subjects and not init_from:
             raise ValueError("model.new_subjects needs model.init_from (the checkpoint to add them to)")
         self.moe, self.prior, self.token_head = moe, prior, token_head
+        self.lr_scheduler_factory = lr_scheduler  # hparams keep its config; this is the callable itself
         if (token_head is None) != (token_target is None):
             raise ValueError("model.token_head and model.token_target go together (give both or neither)")
         self.adapters = SubjectAdapters(self.num_voxels, moe.hidden_dim, b_size)
@@ -330,8 +331,8 @@ class BrainEncoderModule(L.LightningModule):
                   {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
         impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {"foreach": False}}[h.adamw_impl]
         optimizer = torch.optim.AdamW(groups, lr=h.lr, **impl)
-        if h.lr_scheduler is not None:
-            scheduler = h.lr_scheduler(optimizer)
+        if self.lr_scheduler_factory is not None:
+            scheduler = self.lr_scheduler_factory(optimizer)
         else:
             epochs = max(1, self.trainer.max_epochs or 1)
             scheduler = torch.optim.lr_scheduler.OneCycleLR(

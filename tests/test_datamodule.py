@@ -232,3 +232,40 @@ def test_nan_voxels_in_a_shard_are_named(small_data, tmp_path):
     dm = make_dm(root, tmp_path, val_images=0)
     with pytest.raises(DataFormatError, match=rf"test-000000.tar.*{name.split('.')[0]}.*NaN"):
         list(dm.test_dataloader()[0])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_epoch_sampling_is_an_exact_pass_with_equal_counts_per_rank(small_data, tmp_path, workers):
+    world, seen, counts, orders = 2, [], set(), []
+    for rank in range(world):
+        dm = NSDDataModule(str(small_data), subjects=["subj01", "subj02"], batch_size=6, num_workers=workers,
+                           val_images=5, val_cache_dir=str(tmp_path / "vc"), train_sampling="epoch",
+                           shuffle_buffer=20, shuffle_initial=5)
+        dm.set_rank(rank, world)
+        dm.prepare_data()
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        batches = [b for b, _, _ in loader]
+        counts.add(len(batches))
+        assert len(batches) == len(loader) == dm.num_train_batches()
+        seen += [(s, t) for b in batches for s, t in zip(b["subj01"]["session"].tolist(), b["subj01"]["trial"].tolist())]
+        assert not set(sum((b["subj01"]["nsd_id"].tolist() for b in batches), [])) & set(dm.val_ids("subj01"))
+        orders.append([b["subj01"]["nsd_id"].tolist() for b, _, _ in loader])  # the next epoch
+        orders.append([b["subj01"]["nsd_id"].tolist() for b in batches])
+    assert len(counts) == 1
+    assert len(seen) == len(set(seen))  # every trial at most once per epoch, across ranks and workers
+    assert len(seen) == world * dm.num_train_batches() * 6
+    # only the tail that cannot fill a batch on every rank and worker is dropped
+    fewest = min(dm.train_trials(s) for s in dm.subjects)
+    assert len(seen) >= fewest - world * max(workers, 1) * 6
+    assert orders[0] != orders[1]  # epochs differ
+
+
+def test_epoch_pass_batch_plan():
+    from datamodules.streams import epoch_pass_batches
+
+    total, deals = epoch_pass_batches(num_samples=101, world_size=2, num_workers=2, batch_size=5)
+    # rank 0 keeps 51 samples (26 + 25 per worker), rank 1 keeps 50 (25 + 25): 5 + 5 full batches each
+    assert total == 10 and deals == [[5, 5], [5, 5]]
+    total, deals = epoch_pass_batches(num_samples=23, world_size=2, num_workers=1, batch_size=4)
+    assert total == 2 and deals == [[2], [2]]

@@ -55,3 +55,23 @@ def test_two_rank_two_worker_fit_on_a_one_session_subject(small_data, tmp_path):
         padded = [ok for batches in per_rank for v in batches for ok in v["valid"] if not ok]
         assert len(valid) == len(set(valid)) == 7 and valid == sorted(valid)
         assert len(padded) == 1  # 7 images on 2 ranks: 4 + 3, one padding copy
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_two_rank_exact_epoch_pass(small_data, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
+    cmd = ["timeout", "-k", "10", "240", sys.executable, "-m", "tests.helpers.counting", "--data", str(small_data),
+           "--out", str(out), "--devices", "2", "--num-workers", "2", "--subjects", "subj01",
+           "--batch-size", "8", "--epochs", "2", "--val-images", "5", "--train-sampling", "epoch"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for epoch in (0, 1):
+        per_rank = [[tuple(t) for e in info["train"] if e["epoch"] == epoch for t in e["subjects"]["subj01"]["trials"]]
+                    for info in ranks]
+        assert len(per_rank[0]) == len(per_rank[1]) > 0
+        both = per_rank[0] + per_rank[1]
+        assert len(both) == len(set(both))  # no trial twice in an epoch, across ranks and workers
+        assert 195 - 2 * 2 * 8 <= len(both) <= 195  # 210 training trials - 5 validation images x 3, minus the tail

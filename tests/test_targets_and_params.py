@@ -105,3 +105,39 @@ def test_params_command_matches_the_reference_counts(capsys):
     assert rows["moe.clip_heads"] == 393_792_000
     assert rows["moe.routers"] == 30
     assert rows["moe.experts.1"] + rows["moe.experts.2"] + rows["moe.experts.3"] == 7_352_320
+
+
+def test_supervise_levels_adds_every_level_to_the_contrastive_loss():
+    import torch.nn.functional as F
+
+    from lightning_modules.brain_encoder import BrainEncoderModule
+    from lightning_modules.components import HierarchicalMoE
+    from lightning_modules.components.losses import soft_clip_loss
+
+    torch.manual_seed(0)
+    moe = HierarchicalMoE(hidden_dim=32, out_dim=8, clip_hidden=8, num_blocks=1).eval()
+    target = torch.randn(6, 8)
+    model = BrainEncoderModule(moe, num_voxels={"subj01": 20}, supervise_levels=True, mixup_pct=0.0,
+                               softclip_temperature=(0.05, 0.05))
+    out = moe(torch.randn(6, 32))
+    preds = [out.clip_mean] + [out.clip_level_sums[:, level] for level in range(4)]
+    expected = torch.stack([soft_clip_loss(F.normalize(p, dim=-1), F.normalize(target, dim=-1), 0.05)
+                            for p in preds]).mean()
+    assert torch.allclose(model._losses(out, target, None, 0.5)["clip"], expected)
+    model.hparams.supervise_levels = False
+    only_mean = soft_clip_loss(F.normalize(out.clip_mean, dim=-1), F.normalize(target, dim=-1), 0.05)
+    assert torch.allclose(model._losses(out, target, None, 0.5)["clip"], only_mean)
+
+
+def test_a_scheduler_from_the_config_replaces_onecycle(small_data, targets, tmp_path):
+    from experiments.run import cli_main
+
+    cli = cli_main(["--config", "configs/base/trainer.yaml", "--config", "configs/stage1/tiny_synthetic.yaml",
+                    f"--data.init_args.data_dir={small_data}", f"--data.init_args.val_cache_dir={tmp_path}",
+                    "--model.init_args.lr_scheduler.class_path=torch.optim.lr_scheduler.StepLR",
+                    "--model.init_args.lr_scheduler.init_args.step_size=7"], run=False)
+    config = cli.model.configure_optimizers()
+    scheduler = config["lr_scheduler"]["scheduler"]
+    assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR) and scheduler.step_size == 7
+    decay = {g["weight_decay"] for g in config["optimizer"].param_groups}
+    assert decay == {0.0, 0.01}  # biases and norms are not decayed

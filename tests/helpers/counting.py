@@ -29,7 +29,8 @@ class CountingModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         entry = {"epoch": self.current_epoch, "batch_idx": batch_idx,
                  "subjects": {s: {"worker": b["worker"], "stream_epoch": b["epoch"], "n": len(b["nsd_id"]),
-                                  "voxels": list(b["voxels"].shape), "nsd_id": b["nsd_id"].tolist()}
+                                  "voxels": list(b["voxels"].shape), "nsd_id": b["nsd_id"].tolist(),
+                                  "trials": list(zip(b["session"].tolist(), b["trial"].tolist()))}
                               for s, b in batch.items()}}
         self.record["train"].append(entry)
         return (self.weight - 1).pow(2).sum()
@@ -62,11 +63,13 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--val-images", type=int, default=13)
     parser.add_argument("--samples-per-epoch", type=int, default=None)
+    parser.add_argument("--train-sampling", default="resampled")
     args = parser.parse_args(argv)
     L.seed_everything(0)
     dm = NSDDataModule(args.data, subjects=args.subjects, num_sessions=args.sessions, batch_size=args.batch_size,
                        eval_batch_size=4, num_workers=args.num_workers, val_images=args.val_images,
-                       samples_per_epoch=args.samples_per_epoch, val_cache_dir=str(Path(args.out) / "val_cache"))
+                       samples_per_epoch=args.samples_per_epoch, val_cache_dir=str(Path(args.out) / "val_cache"),
+                       train_sampling=args.train_sampling)
     trainer = L.Trainer(accelerator="cpu", devices=args.devices,
                         strategy="ddp" if args.devices > 1 else "auto", max_epochs=args.epochs,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
