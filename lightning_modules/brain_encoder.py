@@ -105,7 +105,6 @@ class BrainEncoderModule(L.LightningModule):
                                         for m in ("cosine", "mse", "in_batch_fwd", "prior_cosine", "prior_mse",
                                                   "token_in_batch_fwd")})
         self.run_config: str | None = None  # the resolved config, set by experiments.run
-        self.predictions: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ forward
     def encode(self, voxels: torch.Tensor, subject: str) -> MoEOutput:
