@@ -116,6 +116,8 @@ class NSDDataModule(L.LightningDataModule):
             raise DataFormatError(f"data.train_sampling must be 'resampled' or 'epoch', got {train_sampling!r}")
         self.train_sampling = train_sampling
         self.metas: dict[str, dict[str, Any]] = {}
+        self._val_ids: dict[str, list[int]] = {}
+        self._train_trials: dict[str, int] = {}
         self._manual_rank: tuple[int, int] | None = None
 
     # ---------------------------------------------------------------- metadata
@@ -137,8 +139,12 @@ class NSDDataModule(L.LightningDataModule):
         return chosen[: self.num_sessions] if self.num_sessions else chosen
 
     def val_ids(self, subject: str) -> list[int]:
-        self._load_metas()
-        return choose_val_ids(self.metas[subject], self.sessions(subject), self.val_images, self.seed)
+        """The held-out validation images of ``subject`` (sorted nsd_id), chosen once."""
+        if subject not in self._val_ids:
+            self._load_metas()
+            self._val_ids[subject] = choose_val_ids(self.metas[subject], self.sessions(subject), self.val_images,
+                                                    self.seed)
+        return self._val_ids[subject]
 
     def num_voxels(self) -> dict[str, int]:
         """Voxel count per subject (what the stage-1 adapters are built with)."""
@@ -146,10 +152,12 @@ class NSDDataModule(L.LightningDataModule):
         return {s: int(self.metas[s]["num_voxels"]) for s in self.subjects}
 
     def train_trials(self, subject: str) -> int:
-        excluded = set(self.val_ids(subject))
-        sessions = set(self.sessions(subject))
-        return sum(1 for x in self.metas[subject]["sessions"] if x["session"] in sessions
-                   for i in x["nsd_ids"] if i not in excluded)
+        """Training trials of ``subject`` in the selected sessions, validation images excluded."""
+        if subject not in self._train_trials:
+            excluded, sessions = set(self.val_ids(subject)), set(self.sessions(subject))
+            self._train_trials[subject] = sum(1 for x in self.metas[subject]["sessions"] if x["session"] in sessions
+                                              for i in x["nsd_ids"] if i not in excluded)
+        return self._train_trials[subject]
 
     # ---------------------------------------------------------------- rank / epoch bookkeeping
     def set_rank(self, rank: int, world_size: int) -> None:

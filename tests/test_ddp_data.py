@@ -20,18 +20,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_counting_fit(data: Path, out: Path, *args: str) -> list[dict]:
+    """Two-process CPU DDP fit of the counting module (2 loader workers per rank); returns each rank's record."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
+    cmd = ["timeout", "-k", "10", "240", sys.executable, "-m", "tests.helpers.counting", "--data", str(data),
+           "--out", str(out), "--devices", "2", "--num-workers", "2", "--epochs", "2", *args]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_two_rank_two_worker_fit_on_a_one_session_subject(small_data, tmp_path):
-    out = tmp_path / "out"
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
-    cmd = ["timeout", "-k", "10", "240", sys.executable, "-m", "tests.helpers.counting", "--data", str(small_data),
-           "--out", str(out), "--devices", "2", "--num-workers", "2", "--sessions", "1",
-           "--subjects", "subj01", "subj02", "--batch-size", "4", "--epochs", "2", "--val-images", "7",
-           "--samples-per-epoch", "200"]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_counting_fit(small_data, tmp_path / "out", "--sessions", "1", "--subjects", "subj01", "subj02",
+                             "--batch-size", "4", "--val-images", "7", "--samples-per-epoch", "200")
     expected_batches = 200 // (2 * 4 * 2)  # samples_per_epoch // (sum of batch sizes x world size) = 12
 
     streams = []
@@ -60,14 +63,8 @@ def test_two_rank_two_worker_fit_on_a_one_session_subject(small_data, tmp_path):
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_two_rank_exact_epoch_pass(small_data, tmp_path):
-    out = tmp_path / "out"
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
-    cmd = ["timeout", "-k", "10", "240", sys.executable, "-m", "tests.helpers.counting", "--data", str(small_data),
-           "--out", str(out), "--devices", "2", "--num-workers", "2", "--subjects", "subj01",
-           "--batch-size", "8", "--epochs", "2", "--val-images", "5", "--train-sampling", "epoch"]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_counting_fit(small_data, tmp_path / "out", "--subjects", "subj01", "--batch-size", "8",
+                             "--val-images", "5", "--train-sampling", "epoch")
     for epoch in (0, 1):
         per_rank = [[tuple(t) for e in info["train"] if e["epoch"] == epoch for t in e["subjects"]["subj01"]["trials"]]
                     for info in ranks]
