@@ -24,15 +24,6 @@ from datamodules.target_cache import TargetCache
 from datamodules.val_split import build_val_shard, choose_val_ids, val_cache_path
 
 
-def _cap(deal: list[int], total: int) -> list[int]:
-    """Reduce per-worker batch counts (in worker order) so that they sum to ``total``."""
-    out, left = [], total
-    for n in deal:
-        out.append(min(n, left))
-        left -= out[-1]
-    return out
-
-
 class EpochLoader(DataLoader):
     """A ``DataLoader`` over a ``TrainStream`` that tells the stream (and its workers) the epoch at each ``iter``."""
 
@@ -207,16 +198,12 @@ class NSDDataModule(L.LightningDataModule):
         meta = self.metas[s]
         sessions = set(self.sessions(s))
         shards = [str(self.data_dir / s / x["shard"]) for x in meta["sessions"] if x["session"] in sessions]
-        stream = TrainStream(shards, subject=s, batch_size=self.batch_sizes[s], num_batches=self.num_train_batches(),
-                             rank=rank, seed=self.seed + 1000 * index, exclude_ids=self.val_ids(s),
-                             shuffle_buffer=self.shuffle_buffer, shuffle_initial=self.shuffle_initial,
-                             load_images=self.load_images, targets=self.targets, sampling=self.train_sampling,
-                             world_size=world, num_samples=self.train_trials(s), num_workers=self.num_workers)
-        if self.train_sampling == "epoch":  # every subject yields as many batches as the one with the fewest
-            common = self.num_train_batches()
-            stream.deals = [_cap(deal, common) for deal in stream.deals]
-            stream.num_batches = common
-        return stream
+        return TrainStream(shards, subject=s, batch_size=self.batch_sizes[s], num_batches=self.num_train_batches(),
+                           rank=rank, seed=self.seed + 1000 * index, exclude_ids=self.val_ids(s),
+                           shuffle_buffer=self.shuffle_buffer, shuffle_initial=self.shuffle_initial,
+                           load_images=self.load_images, targets=self.targets, sampling=self.train_sampling,
+                           world_size=world, num_samples=self.train_trials(s), num_workers=self.num_workers,
+                           max_batches=self.num_train_batches())  # epoch pass: as many as the subject with fewest
 
     def _loader_kwargs(self) -> dict[str, Any]:
         return {"num_workers": self.num_workers, "pin_memory": self.pin_memory,

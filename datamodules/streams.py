@@ -82,14 +82,16 @@ def epoch_pass_batches(num_samples: int, world_size: int, num_workers: int, batc
     full = [[share(share(num_samples, world_size, r), num_workers, w) // batch_size for w in range(num_workers)]
             for r in range(world_size)]
     total = min(sum(f) for f in full)
-    deals = []
-    for per_worker in full:
-        left, deal = total, []
-        for available in per_worker:
-            deal.append(min(available, left))
-            left -= deal[-1]
-        deals.append(deal)
-    return total, deals
+    return total, [deal_batches(per_worker, total) for per_worker in full]
+
+
+def deal_batches(available: list[int], total: int) -> list[int]:
+    """Per-worker batch counts, in worker order, that sum to ``total`` without exceeding ``available``."""
+    deal, left = [], total
+    for n in available:
+        deal.append(min(n, left))
+        left -= deal[-1]
+    return deal
 
 
 class TrainStream(IterableDataset):
@@ -99,13 +101,15 @@ class TrainStream(IterableDataset):
     ``sampling="epoch"``: every rank and worker scans all shards in an epoch-seeded shard order shared by all ranks
     and keeps its own round-robin share of the samples (``epoch_pass_batches``), so each sample is seen at most
     once per epoch (the tail that does not fill a batch on every rank is dropped) at the cost of every worker
-    reading the subject's shards (decoding only its share).
+    reading the subject's shards (decoding only its share). ``max_batches`` caps an epoch-pass epoch (so that
+    several subjects yield the same count).
     """
 
     def __init__(self, shards: Sequence[str], *, subject: str, batch_size: int, num_batches: int, rank: int,
                  seed: int, exclude_ids: Sequence[int] = (), shuffle_buffer: int = 1000, shuffle_initial: int = 100,
                  load_images: bool = True, targets: Mapping[str, TargetCache] | None = None,
-                 sampling: str = "resampled", world_size: int = 1, num_samples: int = 0, num_workers: int = 1):
+                 sampling: str = "resampled", world_size: int = 1, num_samples: int = 0, num_workers: int = 1,
+                 max_batches: int | None = None):
         if not shards:
             raise DataFormatError(f"{subject}: no training shards selected")
         if sampling not in ("resampled", "epoch"):
@@ -114,6 +118,9 @@ class TrainStream(IterableDataset):
         self.sampling, self.world_size, self.num_samples = sampling, world_size, num_samples
         if sampling == "epoch":
             num_batches, self.deals = epoch_pass_batches(num_samples, world_size, max(num_workers, 1), batch_size)
+            if max_batches is not None and max_batches < num_batches:  # e.g. the subject with the fewest batches
+                num_batches = max_batches
+                self.deals = [deal_batches(deal, num_batches) for deal in self.deals]
             if num_batches == 0:
                 raise DataFormatError(f"{subject}: {num_samples} training samples are too few for a full batch of "
                                       f"{batch_size} on each of {world_size} ranks x {num_workers} workers")
