@@ -57,18 +57,24 @@ class DiffusionPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, condition: torch.Tensor, generator: torch.Generator | None = None,
-               steps: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
-        """DDIM sampling with classifier-free guidance, (B, D) -> (B, D)."""
-        return self.sample_with_grad(condition, generator, steps, guidance_scale)
+               steps: int | None = None, guidance_scale: float | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """DDIM sampling with classifier-free guidance, (B, D) -> (B, D). The start noise is ``noise`` (broadcast to
+        (B, D); stage 2 gives every sample the same fixed noise) or drawn from ``generator``."""
+        return self.sample_with_grad(condition, generator, steps, guidance_scale, noise)
 
     def sample_with_grad(self, condition: torch.Tensor, generator: torch.Generator | None = None,
-                         steps: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
-        """Like ``sample`` but inside autograd (gradients reach ``condition``; stage 2's routers need this)."""
+                         steps: int | None = None, guidance_scale: float | None = None,
+                         noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Like ``sample`` but inside autograd (gradients reach ``condition``)."""
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         scheduler = DDIMScheduler.from_config(self.sample_scheduler.config)
         scheduler.set_timesteps(steps or self.sample_steps, device=condition.device)
-        x = torch.randn(condition.shape, generator=generator, device="cpu", dtype=condition.dtype)
-        x = x.to(condition.device)
+        if noise is not None:
+            x = noise.to(condition.device, condition.dtype).expand_as(condition)
+        else:
+            x = torch.randn(condition.shape, generator=generator, device="cpu", dtype=condition.dtype)
+            x = x.to(condition.device)
         null = self.null_condition.to(condition.dtype).expand_as(condition)
         for t in scheduler.timesteps:
             tt = t.expand(condition.shape[0]).to(condition.device)
