@@ -45,10 +45,11 @@ def tiny_mindeye2(root: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
-    """Tiny random CLIP image/text models saved to a local directory (32-wide targets)."""
-    from lightning_modules.tiny_models import make_tiny_clip
+    """Tiny random CLIP image/text models and a tiny SDXL-shaped pipeline in one local directory (32-wide
+    targets, 64-wide cross-attention)."""
+    from lightning_modules.tiny_models import make_tiny_clip, make_tiny_sdxl
 
-    return make_tiny_clip(tmp_path_factory.mktemp("tiny_models"), embed_dim=32, image_size=32)
+    return make_tiny_sdxl(make_tiny_clip(tmp_path_factory.mktemp("tiny_models"), embed_dim=32, image_size=32))
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +60,27 @@ def targets(small_data, tiny_models) -> Path:
     cache_targets(small_data, [1, 2, 3], small_data / "targets", image_model=str(tiny_models / "image_encoder"),
                   text_model=str(tiny_models))
     return small_data / "targets"
+
+
+def _fit_stage1(data: Path, logs: Path, target: str) -> Path:
+    """A short tiny stage-1 fit whose prior also learns the expert embeddings; returns its last checkpoint."""
+    from experiments.run import cli_main
+
+    repo = Path(__file__).resolve().parent.parent
+    cli_main(["fit", "--config", str(repo / "configs/base/trainer.yaml"),
+              "--config", str(repo / "configs/stage1/tiny_synthetic.yaml"),
+              f"--data.init_args.data_dir={data}", f"--data.init_args.targets={{{target}: targets/{target}}}",
+              "--data.init_args.val_images=8", f"--data.init_args.val_cache_dir={logs / 'val_cache'}",
+              "--data.init_args.samples_per_epoch=192", f"--model.init_args.target={target}",
+              "--model.init_args.prior_inputs=[mean, experts]", f"--trainer.default_root_dir={logs}",
+              f"--trainer.logger.init_args.save_dir={logs}", "--trainer.logger.init_args.version=run",
+              "--trainer.enable_progress_bar=false", "--trainer.max_epochs=2",
+              "--trainer.check_val_every_n_epoch=1"])
+    return logs / "stage1_tiny" / "run" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def stage1_checkpoints(small_data, targets, tmp_path_factory) -> dict[str, Path]:
+    """Tiny stage-1 checkpoints of the small dataset: ``image`` (clip_image) and ``text`` (clip_text) targets."""
+    return {"image": _fit_stage1(small_data, tmp_path_factory.mktemp("stage1_image"), "clip_image"),
+            "text": _fit_stage1(small_data, tmp_path_factory.mktemp("stage1_text"), "clip_text")}
