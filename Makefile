@@ -37,8 +37,8 @@ $(DATA)/synthetic_nsd.json: | $(STAMP)
 
 data: install $(DATA)/synthetic_nsd.json ## Generate the synthetic NSD dataset (our format + MindEyeV2 layout) if absent
 
-demo: install ## The main job on the embedded default: synthetic data, stage-1 fit + test beside a ridge baseline
-	$(BIN)/python -m experiments.demo --run-dir $(LOGS)/stage1_tiny/demo
+demo: install ## The main job on the embedded default: synthetic data, both stages (fits, test, ridge, reconstructions)
+	$(BIN)/python -m experiments.demo --runs $(LOGS)
 
 bench: install ## Benchmarks; JSON results in bench_results/
 	$(BIN)/python -m experiments.bench --out bench_results --work data/bench
