@@ -85,6 +85,31 @@ def epoch_pass_batches(num_samples: int, world_size: int, num_workers: int, batc
     return total, [deal_batches(per_worker, total) for per_worker in full]
 
 
+def loader_order(counts: Sequence[int]) -> list[int]:
+    """The worker of each batch a ``DataLoader`` returns, given the batches each worker yields: it takes them from
+    its workers in turn, in worker order, passing over workers that are done."""
+    order, taken = [], [0] * len(counts)
+    while len(order) < sum(counts):
+        for w, c in enumerate(counts):
+            if taken[w] < c:
+                order.append(w)
+                taken[w] += 1
+    return order
+
+
+def resume_roles(counts: Sequence[int], done: int) -> list[tuple[int, int]]:
+    """For a loader restarted after the first ``done`` batches of an epoch: per worker, the worker of the
+    uninterrupted loader whose batches it continues (its role) and how many of them to skip, such that the new
+    loader returns exactly batches ``done, done + 1, ...`` of the uninterrupted order. Roles rotate: the new
+    loader starts at worker 0, the uninterrupted one would have gone on with the worker of batch ``done``."""
+    order = loader_order(counts)
+    skipped = [order[:done].count(w) for w in range(len(counts))]
+    start = order[done] if done < len(order) else 0
+    cyclic = [(start + k) % len(counts) for k in range(len(counts))]
+    roles = [w for w in cyclic if skipped[w] < counts[w]] + [w for w in cyclic if skipped[w] >= counts[w]]
+    return [(role, skipped[role]) for role in roles]
+
+
 def deal_batches(available: list[int], total: int) -> list[int]:
     """Per-worker batch counts, in worker order, that sum to ``total`` without exceeding ``available``."""
     deal, left = [], total
@@ -129,6 +154,9 @@ class TrainStream(IterableDataset):
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
         self.load_images, self.targets = load_images, dict(targets or {})
         self.epoch = mp.Value("i", 0)  # shared with loader workers; set by EpochLoader before each epoch
+        # batches of this epoch that a resumed run trained before it was interrupted (set by EpochLoader): they are
+        # drawn as before, so the rest of the epoch is what the uninterrupted run got, but not decoded or yielded
+        self.resume_from = mp.Value("i", 0)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -160,21 +188,30 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = _worker()
         epoch = self.epoch.value
-        n_batches = self.batches_for_worker(worker, num_workers)
-        if n_batches == 0:
+        role, skip = worker, 0  # role: whose share of the epoch this worker produces (another after a resume)
+        if self.resume_from.value:
+            counts = [self.batches_for_worker(w, num_workers) for w in range(num_workers)]
+            role, skip = resume_roles(counts, self.resume_from.value)[worker]
+        n_batches = self.batches_for_worker(role, num_workers)
+        if n_batches - skip <= 0:
             return
-        shuffle_rng = random.Random(stream_seed("shuffle", self.seed, self.subject, self.rank, worker, epoch))
+        shuffle_rng = random.Random(stream_seed("shuffle", self.seed, self.subject, self.rank, role, epoch))
         if self.sampling == "epoch":
-            raw = self._epoch_pass(epoch, worker, num_workers)
+            raw = self._epoch_pass(epoch, role, num_workers)
         else:
-            shard_rng = random.Random(stream_seed("shards", self.seed, self.subject, self.rank, worker, epoch))
+            shard_rng = random.Random(stream_seed("shards", self.seed, self.subject, self.rank, role, epoch))
             raw = wds.tarfile_to_samples(handler=raise_with_shard)(self._urls(shard_rng))
             if self.exclude_ids:
                 raw = (s for s in raw if _nsd_id(s) not in self.exclude_ids)
         raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_initial, rng=shuffle_rng)(raw)
         pending: list[dict[str, Any]] = []
-        emitted = 0
+        emitted = skipped_rows = 0
         for sample in raw:
+            if emitted < skip:  # already trained on before the run was resumed: drawn, not decoded
+                skipped_rows += 1
+                if skipped_rows == self.batch_size:
+                    skipped_rows, emitted = 0, emitted + 1
+                continue
             pending.append(decode_sample(sample, self.load_images))
             if len(pending) == self.batch_size:
                 batch = collate(pending, self.subject, self.targets)

@@ -20,6 +20,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import lightning as L  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
+from callbacks.atomic_checkpoint_io import refuse_if_damaged  # noqa: E402
+
 
 def num_voxels_of(datamodule) -> dict[str, int]:
     """Voxel count per subject of an ``NSDDataModule`` (the link source of ``model.init_args.num_voxels``)."""
@@ -32,6 +34,17 @@ class MoreBrainCLI(LightningCLI):
     def __init__(self, *args, instantiate: bool = True, **kwargs):
         self._instantiate = instantiate
         super().__init__(*args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI ``torch.load``s a ``--ckpt_path`` file itself (for its hyperparameters) before the Trainer and
+        its CheckpointIO exist: a damaged file would fail there with a zip/pickle traceback; name it instead."""
+        try:
+            super()._parse_ckpt_path()
+        except (SystemExit, KeyboardInterrupt, ImportError, MemoryError):
+            raise
+        except Exception:
+            refuse_if_damaged(self.config[self.config.subcommand].get("ckpt_path"))
+            raise
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data", "model.init_args.num_voxels", compute_fn=num_voxels_of, apply_on="instantiate")
