@@ -18,25 +18,56 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
 from datamodules.errors import DataFormatError
-from datamodules.shard_format import load_subject_meta, subject_name
+from datamodules.shard_format import decode_sample, load_subject_meta, read_tar_members, subject_name
 from datamodules.streams import EvalStream, TrainStream, epoch_pass_batches
 from datamodules.target_cache import TargetCache
 from datamodules.val_split import build_val_shard, choose_val_ids, val_cache_path
 
 
 class EpochLoader(DataLoader):
-    """A ``DataLoader`` over a ``TrainStream`` that tells the stream (and its workers) the epoch at each ``iter``."""
+    """A ``DataLoader`` over a ``TrainStream`` that tells the stream (and its workers) the epoch, and how many of
+    the epoch's batches a resumed run has already trained (``resume_fn``; the stream skips them), at the first
+    ``next`` of each iteration.
 
-    def __init__(self, dataset: TrainStream, epoch_fn: Callable[[], int | None], **kwargs: Any):
+    Not at ``iter``: Lightning creates a resumed run's training iterator before it finishes restoring its epoch
+    counters (resuming from a checkpoint written at the end of epoch e, ``iter`` still sees ``current_epoch == e``
+    and the trainer then runs epoch e + 1), and it does not prefetch from loaders with a length, so the first
+    ``next`` comes from the training loop with the counters final.
+    """
+
+    def __init__(self, dataset: TrainStream, epoch_fn: Callable[[], int | None],
+                 resume_fn: Callable[[], int] | None = None, **kwargs: Any):
         super().__init__(dataset, batch_size=None, **kwargs)
-        self.epoch_fn = epoch_fn
+        self.epoch_fn, self.resume_fn = epoch_fn, resume_fn
         self.iterations = 0
 
     def __iter__(self):
+        return _DeferredIterator(self._start)
+
+    def _start(self):
         epoch = self.epoch_fn()
         self.dataset.epoch.value = self.iterations if epoch is None else int(epoch)
+        self.dataset.resume_from.value = int(self.resume_fn()) if self.resume_fn is not None else 0
         self.iterations += 1
         return super().__iter__()
+
+
+class _DeferredIterator:
+    """Calls ``start`` (which returns the real iterator) at the first ``next``."""
+
+    def __init__(self, start: Callable[[], Any]):
+        self._start, self._iterator = start, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._iterator is None:
+            self._iterator = self._start()
+        return next(self._iterator)
+
+    def __getstate__(self) -> dict[str, Any]:  # like Lightning's loader iterators: a started iterator is not copied
+        return {**self.__dict__, "_iterator": None}
 
 
 class NSDDataModule(L.LightningDataModule):
@@ -166,6 +197,14 @@ class NSDDataModule(L.LightningDataModule):
         """The trainer's epoch (so a resumed run continues the seed sequence); None without a trainer."""
         return self.trainer.current_epoch if self.trainer is not None else None
 
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch the trainer has already run: 0 at the start of an epoch, the
+        restored count when a run resumes mid-epoch (the streams skip them, so the epoch goes on where it stopped
+        instead of replaying its first batches); 0 without a trainer."""
+        if self.trainer is None:
+            return 0
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
     def num_train_batches(self) -> int:
         """Training batches per epoch on every rank = samples_per_epoch // (sum of batch sizes * world size);
         with ``train_sampling: epoch`` the exact-pass count of the subject with the fewest batches."""
@@ -210,7 +249,8 @@ class NSDDataModule(L.LightningDataModule):
                 "persistent_workers": self.persistent_workers and self.num_workers > 0}
 
     def train_dataloader(self) -> CombinedLoader:
-        loaders = {s: EpochLoader(self._train_stream(s, i), self._current_epoch, **self._loader_kwargs())
+        loaders = {s: EpochLoader(self._train_stream(s, i), self._current_epoch, self._batches_done,
+                                  **self._loader_kwargs())
                    for i, s in enumerate(self.subjects)}
         return CombinedLoader(loaders, mode="max_size_cycle")
 
@@ -231,6 +271,22 @@ class NSDDataModule(L.LightningDataModule):
 
     def _test_shards(self, s: str) -> list[tuple[str, list[int]]]:
         return [(str(self.data_dir / s / x["shard"]), x["nsd_ids"]) for x in self.metas[s]["test"]["shards"]]
+
+    def validation_images(self, subject: str, ids: set[int] | None = None) -> dict[int, Any]:
+        """(H, W, 3) uint8 image of each validation image (or of ``ids`` among them) of ``subject``, read from its
+        materialised validation shard (callbacks draw retrieval galleries from it)."""
+        path, _ = self._val_shards(subject_name(subject))[0]
+        grouped: dict[str, dict[str, bytes]] = {}
+        for name, payload in read_tar_members(path).items():
+            key, _, ext = name.partition(".")
+            grouped.setdefault(key, {"__key__": key})[ext] = payload
+        images = {}
+        for raw in grouped.values():
+            sample = decode_sample(raw, True)
+            nsd_id = int(sample["info"]["nsd_id"])
+            if ids is None or nsd_id in ids:
+                images[nsd_id] = sample["image"]
+        return images
 
     def val_dataloader(self) -> list[DataLoader]:
         if not self.val_images:

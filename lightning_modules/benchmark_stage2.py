@@ -51,7 +51,7 @@ def _stand_in():
     from lightning_modules.routed_diffusion import RoutedDiffusionModule as M
 
     class RoutedCore(nn.Module):
-        route, unet_eps, time_ids = M.route, M.unet_eps, M.time_ids
+        route, unet_eps, time_ids, time_embedding = M.route, M.unet_eps, M.time_ids, M.time_embedding
         diffusion_loss, kl_terms = M.diffusion_loss, M.kl_terms
 
     return RoutedCore

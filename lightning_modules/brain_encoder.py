@@ -236,9 +236,10 @@ class BrainEncoderModule(L.LightningModule):
             result["prior"] = self._sample_prior(backbone, batch_idx)[valid]
         return result
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Updates every metric on every rank, even with no valid rows (a rank holding only DDP padding), so that
-        all ranks take part in the same reductions."""
+        all ranks take part in the same reductions. Returns the routing of every encoded row with ``row_mask``
+        (False on padding and missing repeats) for the routing callbacks."""
         s = batch["subject"]
         r = self._evaluate_batch(batch, batch_idx)
         n = len(r["target"])
@@ -256,6 +257,9 @@ class BrainEncoderModule(L.LightningModule):
             self.val_prior_retrieval[s].update(r["prior"], r["target"], r["nsd_id"])
             self._update_mean(f"{s}__prior_cosine", lambda: F.cosine_similarity(r["prior"], r["target"]).mean(), n)
             self._update_mean(f"{s}__prior_mse", lambda: F.mse_loss(r["prior"], r["target"]), n)
+        rows = batch["valid"][:, None] & batch["repeat_mask"] if self.hparams.repeat_average == "output" \
+            else batch["valid"][:, None]
+        return {"routing": r["out"].routing, "row_mask": rows.reshape(-1)}
 
     def _update_mean(self, name: str, value, weight: int) -> None:
         metric = self.val_means[name]

@@ -63,8 +63,8 @@ class RoutedDiffusionModule(L.LightningModule):
         lr / weight_decay / warmup_steps / lr_scheduler: AdamW, constant with linear warmup unless given.
         frozen_dtype: dtype of the frozen UNet and stage-1 encoders (trained parameters stay float32).
         gradient_checkpointing: UNet activation checkpointing.
-        val_timesteps / val_seed: validation diffusion loss at these timesteps with noise seeded per image.
-        val_reconstructions / val_inference_steps: images reconstructed on rank zero after each validation.
+        val_timesteps / val_seed: validation diffusion loss at these timesteps with noise seeded per image
+            (reconstructions of a probe set during validation: ``callbacks.reconstruction_grid``).
         sampler / inference_steps / guidance_scale / negative_prompt / seed: generation (``predict``); the initial
             noise of an image depends only on (seed, subject, nsd_id).
     """
@@ -84,7 +84,7 @@ class RoutedDiffusionModule(L.LightningModule):
                  weight_decay: float = 1e-2, warmup_steps: int = 500, lr_scheduler: LRSchedulerCallable | None = None,
                  frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
                  gradient_checkpointing: bool = False, val_timesteps: list[int] | None = None, val_seed: int = 0,
-                 val_reconstructions: int = 4, val_inference_steps: int = 10, sampler: SamplerName = "euler",
+                 sampler: SamplerName = "euler",
                  inference_steps: int = 50, guidance_scale: float = 5.0,
                  negative_prompt: str = REFERENCE_NEGATIVE, seed: int = 0):
         super().__init__()
@@ -176,7 +176,6 @@ class RoutedDiffusionModule(L.LightningModule):
         self.val_timesteps = list(val_timesteps or [100, 300, 500, 700, 900])
         self.val_loss = MeanMetric()
         self.val_loss_at = torch.nn.ModuleList(MeanMetric() for _ in self.val_timesteps)
-        self._probe: dict[str, Any] | None = None
         self.skip_ids: dict[str, set[int]] = {}  # predict: images already written (set by the writer callback)
 
     # ------------------------------------------------------------------ conditioning
@@ -203,7 +202,7 @@ class RoutedDiffusionModule(L.LightningModule):
         """Noisy latents (B, C, h, w) as the UNet sees them, timesteps (B,), expert embeddings -> prompt embeds
         (B, S, C), pooled (B, P), the ``Injection`` for the processors and every branch's routing."""
         batch = latents.shape[0]
-        t_emb = self.unet.get_time_embed(latents, timesteps).float()
+        t_emb = self.time_embedding(timesteps).float()
         injection = Injection(grid=self.grid, latent_hw=tuple(latents.shape[-2:]), ip_scale=self.hparams.ip_scale)
         routing: dict[str, BranchOutput] = {}
         if self.image_router is not None:
@@ -233,6 +232,11 @@ class RoutedDiffusionModule(L.LightningModule):
             zeros = torch.zeros(batch, tokens, self.image_encoder.embed_dim, device=device)
             ip = self.image_projection(zeros)
         return (self.negative_prompt_embeds.expand(batch, -1, -1), self.negative_pooled.expand(batch, -1), ip)
+
+    def time_embedding(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """(T,) timesteps -> (T, time_dim) the UNet's sinusoidal embedding (what the temporal routers see)."""
+        sample = torch.zeros(len(timesteps), 1, 1, 1, device=timesteps.device, dtype=self.unet.dtype)
+        return self.unet.get_time_embed(sample, timesteps)
 
     def time_ids(self, latents: torch.Tensor) -> torch.Tensor:
         """SDXL's added time ids (original size, crop, target size), truthful: the generated pixel size."""
@@ -319,7 +323,7 @@ class RoutedDiffusionModule(L.LightningModule):
             for level, w in enumerate(r.level_weights.mean(0)):
                 self.log(f"train/{branch}_level{level}_weight", w, batch_size=n)
         self.log("train/loss", total, prog_bar=True, batch_size=n)
-        return total
+        return {"loss": total, "routing": routing, "timesteps": t}  # routing: for the statistics callbacks
 
     # ------------------------------------------------------------------ validation
     def _noise_for(self, subject: str, ids: torch.Tensor, shape: tuple[int, ...], salt: int) -> torch.Tensor:
@@ -342,11 +346,6 @@ class RoutedDiffusionModule(L.LightningModule):
             _, _, per_sample = self.diffusion_loss(latents, experts, t, noise)
             self.val_loss.update(per_sample, weight)
             self.val_loss_at[k].update(per_sample, weight)
-        if self._probe is None and self.trainer.is_global_zero and self.hparams.val_reconstructions > 0:
-            keep = valid.nonzero().flatten()[: self.hparams.val_reconstructions]
-            self._probe = {"subject": subject, "nsd_id": batch["nsd_id"][keep].cpu(),
-                           "image": batch["image"][keep].cpu(),
-                           "experts": {b: [x[keep] for x in v] for b, v in experts.items()}}
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/diffusion_loss", self.val_loss.compute(), sync_dist=False)
@@ -354,19 +353,6 @@ class RoutedDiffusionModule(L.LightningModule):
         for t_value, metric in zip(self.val_timesteps, self.val_loss_at):
             self.log(f"val/diffusion_loss_t{t_value}", metric.compute(), sync_dist=False)
             metric.reset()
-        probe, self._probe = self._probe, None
-        if probe is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return
-        images, _ = self.reconstruct(probe["experts"], probe["subject"], probe["nsd_id"],
-                                     steps=self.hparams.val_inference_steps, record_routing=False)
-        self.last_reconstructions = {"truth": probe["image"], "reconstruction": images.cpu()}
-        experiment = getattr(self.logger, "experiment", None)
-        if hasattr(experiment, "add_image"):
-            from torchvision.utils import make_grid
-
-            truth = F.interpolate(probe["image"], size=images.shape[-2:], mode="bilinear", antialias=True)
-            pairs = torch.stack([truth, images.cpu()], 1).flatten(0, 1)
-            experiment.add_image("val/truth_vs_reconstruction", make_grid(pairs, nrow=2), self.global_step)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -21,8 +21,7 @@ def overrides(data: Path, models: Path, ckpts: dict[str, Path], logs: Path, vers
             "--data.init_args.samples_per_epoch=16", "--data.init_args.batch_size=4",
             "--data.init_args.eval_batch_size=8", f"--model.init_args.sdxl_dir={models}",
             f"--model.init_args.image_encoder={ckpts['image']}", f"--model.init_args.text_encoder={ckpts['text']}",
-            "--model.init_args.val_inference_steps=2", "--model.init_args.inference_steps=3",
-            "--model.init_args.val_reconstructions=2", f"--trainer.default_root_dir={logs}",
+            "--model.init_args.inference_steps=3", f"--trainer.default_root_dir={logs}",
             f"--trainer.logger.init_args.save_dir={logs}", f"--trainer.logger.init_args.version={version}",
             "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1", "--trainer.max_epochs=1"]
 

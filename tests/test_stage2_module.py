@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
+from callbacks.reconstruction_grid import ReconstructionGrid
+from callbacks.routing_statistics import DiffusionRoutingStatistics
 from datamodules import NSDDataModule
 from lightning_modules import BrainEncoderModule, RoutedDiffusionModule
 from lightning_modules.components.routed_branch import BranchSpec
@@ -21,7 +24,7 @@ def build(tiny_models: Path, ckpts: dict[str, Path], **overrides) -> RoutedDiffu
     kwargs = dict(sdxl_dir=str(tiny_models), image_encoder=str(ckpts["image"]), text_encoder=str(ckpts["text"]),
                   image_branch=IMAGE, text_branch=TEXT, num_voxels={"subj01": 300}, prior_steps=3,
                   prior_guidance=1.5, lora_rank=4, lora_alpha=4, resolution=32, weight_decay=0.0, lr=1e-3,
-                  warmup_steps=1, val_timesteps=[300, 700], val_reconstructions=2, val_inference_steps=3,
+                  warmup_steps=1, val_timesteps=[300, 700],
                   inference_steps=4, guidance_scale=2.0)
     kwargs.update(overrides)
     return RoutedDiffusionModule(**kwargs)
@@ -40,9 +43,10 @@ def fitted(small_data, tiny_models, stage1_checkpoints, tmp_path_factory):
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("unet.conv_in", "vae.",
                                                                                     "image_encoder.moe"))}
     before = {k: v.clone() for k, v in model.trained_state_dict().items()}
+    callbacks = [ReconstructionGrid(num_images=2, steps=3), DiffusionRoutingStatistics(bins=4)]
     trainer = L.Trainer(max_steps=2, limit_val_batches=1, num_sanity_val_steps=0, enable_progress_bar=False,
                         default_root_dir=str(tmp), logger=L.pytorch.loggers.TensorBoardLogger(str(tmp)),
-                        enable_model_summary=False)
+                        enable_model_summary=False, callbacks=callbacks, log_every_n_steps=1)
     trainer.fit(model, datamodule(small_data, tmp))
     return model, before, frozen, trainer
 
@@ -77,12 +81,27 @@ def test_checkpoint_holds_only_trained_parameters_and_restores_exactly(fitted, t
         other.on_load_checkpoint(ckpt)
 
 
-def test_validation_logs_loss_and_a_reconstruction_grid(fitted):
+def test_validation_and_callbacks_log_losses_routing_and_a_reconstruction_grid(fitted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     model, _, _, trainer = fitted
     assert "val/diffusion_loss" in trainer.callback_metrics
     assert "val/diffusion_loss_t300" in trainer.callback_metrics
-    recon = model.last_reconstructions["reconstruction"]
-    assert recon.shape == (2, 3, 32, 32) and 0 <= recon.min() and recon.max() <= 1
+    events = EventAccumulator(trainer.log_dir, size_guidance={"images": 0, "scalars": 0}).Reload()
+    images, scalars = set(events.Tags()["images"]), set(events.Tags()["scalars"])
+    assert {"val/truth_vs_reconstruction", "routing/image/temporal_curve", "routing/text/temporal_curve"} <= images
+    grid = events.Images("val/truth_vs_reconstruction")[-1]
+    assert (grid.height, grid.width) == (2 * 34 + 2, 2 * 34 + 2)  # 2 probe rows of [truth | reconstruction]
+    assert {"routing/image/spatial_entropy/level3", "routing/text/level0/t000-249",
+            "routing/image/level3/t750-999", "train/kl_image"} <= scalars
+    # the logged curve is the router evaluated at those timesteps, nothing multiplied in
+    t = torch.arange(750, 1000)
+    with torch.no_grad():
+        direct, _ = model.image_router.temporal(model.time_embedding(t).float(), t)
+    logged = events.Scalars("routing/image/level3/t750-999")[-1].value
+    assert logged == pytest.approx(direct[:, 3].mean().item(), rel=1e-5)
+    spatial = events.Scalars("routing/image/spatial_entropy/level3")[-1].value
+    assert 0 < spatial <= math.log(16) + 1e-6
 
 
 def test_reconstruction_is_deterministic_and_independent_of_batching(fitted, small_data):
