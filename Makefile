@@ -14,10 +14,45 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install test test-fast demo bench lint tensorboard data clean
+# Slurm array jobs (`make slurm-*`; experiments/slurm/). Every task gets NODES x DEVICES srun tasks (one per GPU).
+PROFILE ?= nsd#              nsd: the paper-scale configs; tiny: the synthetic data and tiny models
+NAME ?=#                     experiment name prefix (default: PROFILE): runs go to $(LOGS)/<NAME>_<sweep>/<task>-<label>
+SUBJECTS ?=#                 stage-1 / stage-2 subjects (default: the profile's, nsd: subj01 subj02 subj05 subj07)
+TARGETS ?= image text#       stage-1 targets
+B_SIZES ?= 256 512 1024 2048# bottleneck widths (slurm-bottleneck)
+NEW_SUBJECTS ?= subj02 subj05 subj07# transfer targets (slurm-cross-subject), each from SOURCE_SUBJECT's stage-1 model
+SOURCE_SUBJECT ?= subj01
+INIT_FROM ?=#                a stage-1 checkpoint to transfer from instead (one target)
+STAGE1_JOB ?=#               job id of a submitted stage-1 array: slurm-stage2 / slurm-cross-subject wait for it
+NODES ?= 1
+DEVICES ?= 1#                srun tasks (= GPUs = Lightning devices) per node
+GPUS ?=#                     GPUs per node (default: DEVICES; 0 on CPU-only nodes)
+CPUS ?= 8#                   CPUs per srun task
+MEM ?=#                      memory per node (e.g. 128G; default: the partition's)
+PARTITION ?=
+ACCOUNT ?=
+WALLTIME ?= 24:00:00
+SIGNAL_S ?= 90#              SIGUSR1 this long before the time limit: Lightning saves hpc_ckpt_* and requeues
+MAX_PARALLEL ?=#             at most this many array tasks at once
+SBATCH_ARGS ?=#              more sbatch options
+ARGS ?=#                     CLI overrides for every task, e.g. ARGS='--trainer.max_epochs=10'
+STAGE1_ARGS ?=
+STAGE2_ARGS ?=
+DRY_RUN ?=#                  DRY_RUN=1: write the sweep files and print the sbatch calls instead of submitting
+shq = '$(subst ','\'',$(1))'
+SLURM := $(BIN)/python -m experiments.slurm --profile $(PROFILE) --name=$(call shq,$(NAME)) --logs $(LOGS) \
+	--subjects $(SUBJECTS) --targets $(TARGETS) --stage1-job=$(call shq,$(STAGE1_JOB)) \
+	--nodes $(NODES) --devices $(DEVICES) --gpus=$(call shq,$(GPUS)) --cpus $(CPUS) --mem=$(call shq,$(MEM)) \
+	--partition=$(call shq,$(PARTITION)) --account=$(call shq,$(ACCOUNT)) --time $(WALLTIME) --signal-s $(SIGNAL_S) \
+	--max-parallel=$(call shq,$(MAX_PARALLEL)) --sbatch-args=$(call shq,$(SBATCH_ARGS)) --args=$(call shq,$(ARGS)) \
+	--stage1-args=$(call shq,$(STAGE1_ARGS)) --stage2-args=$(call shq,$(STAGE2_ARGS)) \
+	$(if $(filter-out 0 no false,$(DRY_RUN)),--dry-run)
 
-help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+.PHONY: help install test test-fast demo bench lint tensorboard data clean
+.PHONY: slurm-stage1 slurm-stage2 slurm-pipeline slurm-bottleneck slurm-cross-subject
+
+help: ## List the targets (Slurm variables: see the top of the Makefile)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[1m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,7 +76,7 @@ demo: install ## The main job on the embedded default: synthetic data, both stag
 	$(BIN)/python -m experiments.demo --runs $(LOGS)
 
 bench: install ## Benchmarks; JSON results in bench_results/
-	$(BIN)/python -m experiments.bench --out bench_results --work data/bench
+	$(BIN)/python -m experiments.bench --only data stage1 stage2 callbacks slurm --out bench_results --work data/bench
 
 lint: install ## ruff
 	$(BIN)/ruff check .
@@ -51,3 +86,18 @@ tensorboard: install ## Serve the TensorBoard logs under $(LOGS) on 127.0.0.1:$(
 
 clean: ## Remove generated data and logs (keeps .venv)
 	rm -rf data $(LOGS) .pytest_cache
+
+slurm-stage1: install ## Slurm array: stage 1 over SUBJECTS x TARGETS (PROFILE, NODES, DEVICES, CPUS, PARTITION...; DRY_RUN=1 prints)
+	$(SLURM) stage1
+
+slurm-stage2: install ## Slurm: stage 2, one job per subject, afterok on its stage-1 tasks of array STAGE1_JOB
+	$(SLURM) stage2
+
+slurm-pipeline: install ## Slurm: the stage-1 array, then stage 2 per subject depending on its stage-1 tasks
+	$(SLURM) pipeline
+
+slurm-bottleneck: install ## Slurm array: stage 1 over SUBJECTS x TARGETS x B_SIZES (model.init_args.b_size)
+	$(SLURM) bottleneck --b-sizes $(B_SIZES)
+
+slurm-cross-subject: install ## Slurm array: NEW_SUBJECTS from SOURCE_SUBJECT's stage-1 model (init_from; after STAGE1_JOB)
+	$(SLURM) cross-subject --new-subjects $(NEW_SUBJECTS) --source-subject $(SOURCE_SUBJECT) --init-from=$(call shq,$(INIT_FROM))

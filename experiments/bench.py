@@ -1,12 +1,16 @@
 """Run the benchmarks and write their JSON results (``make bench``).
 
-    python -m experiments.bench [--only data stage1 stage2] [--out bench_results] [--work data/bench]
+    python -m experiments.bench [--only data stage1 stage2 callbacks slurm] [--out bench_results] [--work data/bench]
 
 data:   train loader vs a bare webdataset decode loop over the same shards; peak memory vs sessions.
 stage1: paper-scale encoder (V 15724, H 4096, 2-4-8-16, B 24, fp32, 2 threads) train step and eval forward vs
         the same GEMMs plus fused AdamW (the floor).
 stage2: one training step on the tiny SDXL-shaped UNet (B 8, 64 px, precomputed experts, 2 threads), routed and
         regional conditioning vs stock IP-Adapter + the same LoRA; prior passes per reconstructed image.
+callbacks: the monitoring callbacks' share of fit time on the tiny stage-1 and stage-2 configs (hooks timed in
+        a run with them; wall time of the same fit without them).
+slurm:  (only when asked: it installs and starts a local Slurm, as root) wall time of the tiny stage-1 array round
+        trip (submit -> all tasks done) vs an empty array and one task run without Slurm.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from lightning_modules import benchmark_stage1, benchmark_stage2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=("data", "stage1", "stage2"),
-                        default=["data", "stage1", "stage2"])
+    parser.add_argument("--only", nargs="+", choices=("data", "stage1", "stage2", "callbacks", "slurm"),
+                        default=["data", "stage1", "stage2", "callbacks"],
+                        help="slurm is not a default: it starts Slurm daemons (make bench includes it)")
     parser.add_argument("--out", default="bench_results", help="directory for the JSON results")
     parser.add_argument("--work", default="data/bench", help="where the benchmark data is generated (kept)")
     parser.add_argument("--samples", type=int, default=960)
@@ -38,6 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         results["stage1_encoder"] = {**benchmark_stage1.run(), "provenance": provenance()}
     if "stage2" in args.only:
         results["stage2_step"] = {**benchmark_stage2.run(), "provenance": provenance()}
+    if "callbacks" in args.only:
+        from callbacks import benchmark as callback_benchmark
+
+        results["callback_overhead"] = {**callback_benchmark.run(Path(args.work) / "callbacks"),
+                                        "provenance": provenance()}
+    if "slurm" in args.only:
+        from experiments.slurm.benchmark import slurm_round_trip
+
+        results["slurm_round_trip"] = {**slurm_round_trip(Path(args.work)), "provenance": provenance()}
     for name, result in results.items():
         write_json_atomic(Path(args.out) / f"{name}.json", result)
         print(json.dumps({k: v for k, v in result.items() if k != "provenance"}, indent=2))

@@ -1,0 +1,8 @@
+"""``python -m experiments.slurm {stage1,stage2,pipeline,bottleneck,cross-subject} ...`` (what ``make slurm-*`` runs)."""
+
+import sys
+
+from experiments.slurm.sweeps import main
+
+if __name__ == "__main__":
+    sys.exit(main())
