@@ -1,0 +1,9 @@
+"""The reconstruction evaluation suite (MindEye2's recipe plus LPIPS and DreamSim), as plain modules.
+
+One idea per module: ``preprocessing`` (resizes and normalisations), ``inputs`` (test images, reconstructions,
+stage-1 embeddings), ``low_level`` (PixCorr, SSIM), ``networks`` (feature networks from local weight files),
+``two_way`` (two-way identification), ``correlation_distance``, ``retrieval``, ``lpips_distance``,
+``dreamsim_distance``, ``bootstrap``, ``report`` (table, anchors, CSV/JSON) and ``suite`` (runs it all).
+The command is ``python -m experiments.evaluate``.
+"""
+
