@@ -13,7 +13,6 @@ batches per level (``routing/{branch}/spatial_entropy/level{l}``). The KL term i
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import lightning as L
@@ -130,40 +129,46 @@ class DiffusionRoutingStatistics(L.Callback):
                     pl_module.log(f"routing/{branch}/spatial_entropy/level{level}", value.float(), sync_dist=False)
             metric.reset()
         experiment = _experiment(trainer) if trainer.is_global_zero else None
+        if experiment is None:
+            return  # the curve is the same on every rank: rank zero writes it straight to TensorBoard
         for branch in pl_module.branches:
             router = getattr(pl_module, f"{branch}_router").temporal
-            t, weights = temporal_curve(router, lambda x: pl_module.unet.get_time_embed(x[:, None, None, None]
-                                                                                        .float(), x),
-                                        pl_module.num_train_timesteps)
+            t, weights = temporal_curve(router, pl_module.time_embedding, pl_module.num_train_timesteps)
             edges = np.linspace(0, len(t), self.bins + 1).astype(int)
             for lo, hi in zip(edges[:-1], edges[1:]):
-                for level, value in enumerate(weights[lo:hi].mean(0)):
-                    pl_module.log(f"routing/{branch}/level{level}/t{lo:03d}-{hi - 1:03d}", value, sync_dist=False,
-                                  rank_zero_only=True)
-            if experiment is not None:
-                experiment.add_image(f"routing/{branch}/temporal_curve", curve_image(t, weights, branch),
-                                     trainer.global_step, dataformats="HWC")
+                for level, value in enumerate(weights[lo:hi].mean(0).tolist()):
+                    experiment.add_scalar(f"routing/{branch}/level{level}/t{lo:03d}-{hi - 1:03d}", value,
+                                          trainer.global_step)
+            experiment.add_image(f"routing/{branch}/temporal_curve", curve_image(t, weights, branch),
+                                 trainer.global_step, dataformats="HWC")
 
 
-def curve_image(t: torch.Tensor, weights: torch.Tensor, title: str) -> np.ndarray:
-    """Level weights against timestep as an (H, W, 3) uint8 plot."""
-    import matplotlib
+LEVEL_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4, 2.6), dpi=100)
+def curve_image(t: torch.Tensor, weights: torch.Tensor, title: str, size: tuple[int, int] = (400, 240)
+                ) -> np.ndarray:
+    """Level weights (T, L) against timestep (T,) as an (H, W, 3) uint8 line plot (x: t from 0 to T - 1, high =
+    noisy; y: weight from 0 to 1; one colour per level, level 0 = coarsest first), drawn with PIL (cheap)."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    left, right, top, bottom = 36, 10, 18, 22
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
+    for y in (0.0, 0.5, 1.0):
+        py = height - bottom - y * (height - top - bottom)
+        draw.line([left - 3, py, left, py], fill=(0, 0, 0))
+        draw.text((4, py - 5), f"{y:.1f}", fill=(0, 0, 0))
+    t_max = max(float(t.max()), 1.0)
+    draw.text((left, height - bottom + 4), "t = 0", fill=(0, 0, 0))
+    draw.text((width - right - 48, height - bottom + 4), f"t = {int(t_max)}", fill=(0, 0, 0))
+    draw.text((left, 3), f"{title}: level weights vs timestep", fill=(0, 0, 0))
+    xs = left + t.float().numpy() / t_max * (width - left - right)
     for level in range(weights.shape[1]):
-        ax.plot(t.numpy(), weights[:, level].numpy(), label=f"level {level}")
-    ax.set_xlabel("timestep t (high = noisy)")
-    ax.set_ylabel("weight")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{title} temporal routing")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+        ys = height - bottom - weights[:, level].clamp(0, 1).numpy() * (height - top - bottom)
+        colour = LEVEL_COLOURS[level % len(LEVEL_COLOURS)]
+        draw.line(list(zip(xs.tolist(), ys.tolist())), fill=colour, width=2)
+        draw.text((width - right - 60, top + 4 + 11 * level), f"level {level}", fill=colour)
+    return np.asarray(image)
