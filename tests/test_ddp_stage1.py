@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,21 +14,26 @@ import torch
 from tests.test_ddp_data import REPO, free_port
 
 
-@pytest.mark.slow
-@pytest.mark.ddp
-def test_two_rank_fit_reduces_validation_over_valid_rows_only(small_data, targets, tmp_path):
+def ddp_fit(data: Path, tmp_path: Path, *extra: str) -> Path:
+    """A two-process CPU DDP fit of the tiny stage-1 config (2 epochs, validation every epoch) through the entry
+    point, as a subprocess under ``timeout -k``; returns its run directory."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
     cmd = ["timeout", "-k", "10", "300", sys.executable, "-m", "experiments.run", "fit",
            "--config", "configs/base/trainer.yaml", "--config", "configs/stage1/tiny_synthetic.yaml",
-           f"--data.init_args.data_dir={small_data}", f"--data.init_args.val_cache_dir={tmp_path / 'vc'}",
-           "--data.init_args.subjects=[subj01, subj02]", "--data.init_args.val_images=1",
+           f"--data.init_args.data_dir={data}", f"--data.init_args.val_cache_dir={tmp_path / 'vc'}",
            "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_epochs=2",
            "--trainer.check_val_every_n_epoch=1", f"--trainer.default_root_dir={tmp_path}",
            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.version=ddp",
-           "--trainer.enable_progress_bar=false"]
+           "--trainer.enable_progress_bar=false", *extra]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=360)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run = tmp_path / "stage1_tiny" / "ddp"
+    return tmp_path / "stage1_tiny" / "ddp"
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_two_rank_fit_reduces_validation_over_valid_rows_only(small_data, targets, tmp_path):
+    run = ddp_fit(small_data, tmp_path, "--data.init_args.subjects=[subj01, subj02]", "--data.init_args.val_images=1")
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == 1
 
@@ -65,19 +71,9 @@ def test_two_rank_routing_statistics_equal_a_single_process_computation(small_da
     """The routing statistics a 2-process DDP fit logs at its last validation equal, to float precision, a
     single-process loop over the same validation samples with the same (final) weights; TensorBoard holds the
     scalars, the gate-mass histograms and the retrieval grid."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
     val_cache = tmp_path / "vc"
-    cmd = ["timeout", "-k", "10", "300", sys.executable, "-m", "experiments.run", "fit",
-           "--config", "configs/base/trainer.yaml", "--config", "configs/stage1/tiny_synthetic.yaml",
-           f"--data.init_args.data_dir={small_data}", f"--data.init_args.val_cache_dir={val_cache}",
-           "--data.init_args.subjects=[subj01]", "--data.init_args.val_images=5", "--data.init_args.eval_batch_size=2",
-           "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_epochs=2",
-           "--trainer.check_val_every_n_epoch=1", f"--trainer.default_root_dir={tmp_path}",
-           f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.version=ddp",
-           "--trainer.enable_progress_bar=false"]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=360)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run = tmp_path / "stage1_tiny" / "ddp"
+    run = ddp_fit(small_data, tmp_path, "--data.init_args.subjects=[subj01]", "--data.init_args.val_images=5",
+                  "--data.init_args.eval_batch_size=2")
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
