@@ -24,7 +24,7 @@ from torchmetrics import MeanMetric
 from datamodules.provenance import provenance
 from datamodules.shard_format import FORMAT_VERSION, subject_name
 from lightning_modules.components.brain_prompt import BrainPrompt, PooledMode, PromptMode
-from lightning_modules.components.diffusion_loss import min_snr_weights, weighted_mse
+from lightning_modules.components.diffusion_loss import min_snr_weights, per_sample_mse
 from lightning_modules.components.injection import (
     ImageTokenProjection,
     Injection,
@@ -297,8 +297,8 @@ class RoutedDiffusionModule(L.LightningModule):
         prompt, pooled, injection, routing = self.route(noisy, timesteps, experts)
         pred = self.unet_eps(noisy, timesteps, prompt, pooled, injection)
         weights = min_snr_weights(self.alphas_cumprod, timesteps, self.hparams.snr_gamma)
-        per_sample = (pred - noise).pow(2).flatten(1).mean(1)
-        return weighted_mse(pred, noise, weights), routing, per_sample
+        per_sample = per_sample_mse(pred, noise)
+        return (per_sample * weights).mean(), routing, per_sample
 
     def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> torch.Tensor:
         latents, experts = [], {b: [] for b in self.branches}

@@ -19,7 +19,11 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     return torch.minimum(s, torch.full_like(s, gamma)) / s
 
 
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, ...) prediction and target -> (B,) mean squared error per sample (float32)."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(B, ...) prediction and target, (B,) weights -> scalar mean of per-sample MSE times weight."""
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    return (per_sample * weights).mean()
+    return (per_sample_mse(pred, target) * weights).mean()
