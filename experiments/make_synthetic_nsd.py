@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trials-per-session", type=int, default=d.trials_per_session)
     parser.add_argument("--test-images", type=int, default=d.num_test_images)
     parser.add_argument("--image-size", type=int, default=d.image_size)
+    parser.add_argument("--reliability", type=float, nargs=2, default=list(d.reliability), metavar=("LO", "HI"),
+                        help="range of the responsive voxels' split-half reliability")
     return parser
 
 
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = SyntheticNSDConfig(seed=args.seed, voxels=tuple(args.voxels), num_sessions=args.sessions,
                              trials_per_session=args.trials_per_session, num_test_images=args.test_images,
-                             image_size=args.image_size)
+                             image_size=args.image_size, reliability=tuple(args.reliability))
     data = simulate(cfg)
     generate(cfg, args.out, data)
     print(f"wrote {len(cfg.voxels)} subjects ({', '.join(cfg.subjects())}) to {args.out}")

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -35,6 +36,9 @@ from lightning_modules.components.token_head import TokenHead
 from lightning_modules.metrics import RetrievalMetric, retrieval_top1
 
 PriorInput = Literal["mean", "level_sums", "experts"]
+Part = Literal["new_adapters", "adapters", "routers", "experts", "heads", "prior", "token_head"]
+ALL_PARTS: tuple[Part, ...] = ("new_adapters", "adapters", "routers", "experts", "heads", "prior", "token_head")
+TRANSFER_PARTS: list[Part] = ["new_adapters", "routers"]
 
 
 class BrainEncoderModule(L.LightningModule):
@@ -60,6 +64,11 @@ class BrainEncoderModule(L.LightningModule):
         retrieval_candidates / retrieval_draws: MindEye2 retrieval over min(300, N) candidates, 30 draws.
         eval_prior_steps / eval_seed: deterministic prior sampling in validation, test and predict.
         init_from / new_subjects: start from a stage-1 checkpoint; ``new_subjects`` get fresh adapters.
+        trainable: the parts trained, frozen by module reference (``parts()``): ``new_adapters`` (adapters of
+            ``new_subjects``), ``adapters`` (the other subjects'), ``routers`` (the gates), ``experts``, ``heads``
+            (backbone and clip heads), ``prior`` and ``token_head``. Default: everything, or with
+            ``new_subjects`` the router-only transfer ``[new_adapters, routers]`` (the prior's trainability is
+            the explicit ``prior`` entry; MindEye2's fine-tuning lists every part).
         token_head / token_target / token_scale: optional MindEye2 token target (e.g. 256 x 1664 bigG patch
             tokens, the joined cache ``token_target``) predicted by one shared head on the level-averaged backbone,
             trained with SoftCLIP on the flattened tokens.
@@ -77,7 +86,8 @@ class BrainEncoderModule(L.LightningModule):
                  onecycle_final_div: float = 1000.0, repeat_average: Literal["output", "input"] = "output",
                  retrieval_candidates: int = 300, retrieval_draws: int = 30, eval_prior_steps: int | None = None,
                  eval_seed: int = 0, init_from: str | None = None, new_subjects: list[str] | None = None,
-                 token_head: TokenHead | None = None, token_target: str | None = None, token_scale: float = 1.0):
+                 token_head: TokenHead | None = None, token_target: str | None = None, token_scale: float = 1.0,
+                 trainable: list[Part] | None = None):
         super().__init__()
         self.save_hyperparameters()  # under LightningCLI this records moe/prior as class_path + init_args
         if not num_voxels:
@@ -95,6 +105,7 @@ class BrainEncoderModule(L.LightningModule):
             raise ValueError("model.token_head and model.token_target go together (give both or neither)")
         self.adapters = SubjectAdapters(self.num_voxels, moe.hidden_dim, b_size)
         self.prior_inputs = list(prior_inputs or ["mean"])
+        self.trainable = self._apply_trainable(trainable)
         if prior is not None and prior.embed_dim != moe.out_dim:
             raise ValueError(f"prior.embed_dim {prior.embed_dim} != moe.out_dim {moe.out_dim}")
         self.val_retrieval = nn.ModuleDict({s: RetrievalMetric(retrieval_candidates, retrieval_draws, eval_seed)
@@ -348,6 +359,72 @@ class BrainEncoderModule(L.LightningModule):
         if stage == "fit" and self.hparams.init_from and not getattr(self, "_initialised_from", False):
             self.load_from_stage1(self.hparams.init_from, self.new_subjects)
             self._initialised_from = True
+
+    def parts(self) -> dict[str, list[nn.Module]]:
+        """The module groups ``trainable`` names, by reference (a part may be empty, e.g. no prior)."""
+        new = set(self.new_subjects)
+        adapters = self.adapters.adapters
+        return {"new_adapters": [adapters[s] for s in adapters if s in new],
+                "adapters": [adapters[s] for s in adapters if s not in new],
+                "routers": list(self.moe.routers), "experts": list(self.moe.experts),
+                "heads": [*self.moe.backbone_heads, *self.moe.clip_heads],
+                "prior": [self.prior] if self.prior is not None else [],
+                "token_head": [self.token_head] if self.token_head is not None else []}
+
+    def _apply_trainable(self, trainable: list[Part] | None) -> list[str]:
+        if trainable is None:
+            trainable = list(TRANSFER_PARTS) if self.new_subjects else list(ALL_PARTS)
+        unknown = sorted(set(trainable) - set(ALL_PARTS))
+        if unknown:
+            raise ValueError(f"model.trainable: unknown parts {unknown}; choose from {list(ALL_PARTS)}")
+        if "new_adapters" in trainable and not self.new_subjects and "adapters" not in trainable:
+            raise ValueError("model.trainable lists new_adapters but model.new_subjects is empty: "
+                             "list adapters (the data subjects' adapters) instead")
+        parts = self.parts()
+        covered = {id(p) for modules in parts.values() for m in modules for p in m.parameters()}
+        stray = [n for n, p in self.named_parameters() if id(p) not in covered]
+        if stray:
+            raise RuntimeError(f"parameters outside every trainable part: {stray[:4]}")
+        fixed = {id(p) for p in self.parameters() if not p.requires_grad}  # frozen by their own module
+        for name, modules in parts.items():
+            for p in (p for m in modules for p in m.parameters()):
+                p.requires_grad_(name in trainable and id(p) not in fixed)
+        if not any(p.requires_grad for p in self.parameters()):
+            raise ValueError(f"model.trainable {trainable} selects no parameters")
+        return [p for p in ALL_PARTS if p in trainable]
+
+    def parameter_counts(self) -> dict[str, Any]:
+        """Parameters of the subject adapters, the routers and the rest, with shares of the total and trainable
+        counts: ``{"groups": {name: {"params", "share", "trainable"}}, "total", "trainable", "trainable_share",
+        "trainable_parts"}``."""
+        def count(params) -> tuple[int, int]:
+            params = list(params)
+            return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+        parts = self.parts()
+        total, trainable = count(self.parameters())
+        groups: dict[str, dict[str, float]] = {}
+        seen: set[int] = set()
+        for name, keys in (("new_adapters", ["new_adapters"]), ("adapters", ["adapters"]), ("routers", ["routers"])):
+            params = [p for k in keys for m in parts[k] for p in m.parameters()]
+            seen.update(id(p) for p in params)
+            n, t = count(params)
+            groups[name] = {"params": n, "share": n / max(1, total), "trainable": t}
+        n, t = count(p for p in self.parameters() if id(p) not in seen)
+        groups["rest"] = {"params": n, "share": n / max(1, total), "trainable": t}
+        return {"groups": groups, "total": total, "trainable": trainable,
+                "trainable_share": trainable / max(1, total),
+                "trainable_parts": [p for p in self.trainable if parts[p]]}
+
+    def on_fit_start(self) -> None:
+        counts = self.parameter_counts()
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            write_json_atomic(Path(self.trainer.log_dir) / "parameters.json",
+                              {**counts, "provenance": self.provenance()})
+        g = counts["groups"]
+        rank_zero_info("stage 1 parameters: " + ", ".join(
+            f"{k} {v['params']:,} ({v['share']:.2%}, {v['trainable']:,} trained)" for k, v in g.items() if v["params"])
+            + f"; trained {counts['trainable']:,} of {counts['total']:,} ({counts['trainable_share']:.2%})")
 
     def load_from_stage1(self, path: str, new_subjects: list[str]) -> None:
         """Load every weight from a stage-1 checkpoint except the adapters of ``new_subjects`` (kept fresh)."""

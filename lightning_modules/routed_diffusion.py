@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable
 from torchmetrics import MeanMetric
 
+from datamodules.atomic import write_json_atomic
 from datamodules.provenance import provenance
 from datamodules.shard_format import FORMAT_VERSION, subject_name
 from lightning_modules.components.brain_prompt import BrainPrompt, PooledMode, PromptMode
@@ -39,6 +40,8 @@ from lightning_modules.stage1_conditions import FrozenStage1
 
 REFERENCE_NEGATIVE = ("low quality, blurry, deformed, bad anatomy, disfigured, poorly drawn, mutated, extra limbs")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+Stage2Part = Literal["lora", "routers", "projections", "ip_attention"]
+TRANSFER_PARTS: list[Stage2Part] = ["routers"]
 
 
 class RoutedDiffusionModule(L.LightningModule):
@@ -67,6 +70,14 @@ class RoutedDiffusionModule(L.LightningModule):
             (reconstructions of a probe set during validation: ``callbacks.reconstruction_grid``).
         sampler / inference_steps / guidance_scale / negative_prompt / seed: generation (``predict``); the initial
             noise of an image depends only on (seed, subject, nsd_id).
+        init_from: a stage-2 checkpoint to start from (new-subject transfer: its LoRA, routers and projections are
+            loaded at the start of ``fit``; the new subject's own stage-1 encoders are ``image_encoder`` /
+            ``text_encoder``).
+        trainable: the parts trained, by module reference (``parts()``): ``lora``, ``routers`` (temporal and
+            spatial), ``projections`` (image token projection, brain prompt) and ``ip_attention`` (IP key / value).
+            Default: lora, routers, projections, and ip_attention unless loaded from IP-Adapter weights (see
+            ip_adapter_trainable). Transfer: ``[routers]`` or ``[routers, projections]``. Checkpoints hold every
+            part that is trained by default or here, so a transfer checkpoint is complete on its own.
     """
 
     def __init__(self, sdxl_dir: str, image_encoder: str | None = None, text_encoder: str | None = None,
@@ -86,7 +97,8 @@ class RoutedDiffusionModule(L.LightningModule):
                  gradient_checkpointing: bool = False, val_timesteps: list[int] | None = None, val_seed: int = 0,
                  sampler: SamplerName = "euler",
                  inference_steps: int = 50, guidance_scale: float = 5.0,
-                 negative_prompt: str = REFERENCE_NEGATIVE, seed: int = 0):
+                 negative_prompt: str = REFERENCE_NEGATIVE, seed: int = 0, init_from: str | None = None,
+                 trainable: list[Stage2Part] | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["lr_scheduler"])
         if image_branch is None and text_branch is None:
@@ -158,14 +170,26 @@ class RoutedDiffusionModule(L.LightningModule):
 
         self.unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=lora_init,
                                          target_modules=list(lora_targets or LORA_TARGETS)))
-        # after add_adapter: peft leaves only the LoRA weights of the UNet trainable
-        for proc in self.ip_processors:
-            proc.requires_grad_(ip_trainable)  # (no parameters without an image branch)
-        if self.image_projection is not None:
-            self.image_projection.requires_grad_(ip_trainable)
-        for p in self.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        # after add_adapter: peft leaves only the LoRA weights of the UNet trainable; the parts decide the rest
+        default: list[str] = ["lora", "routers", "projections"] + (["ip_attention"] if ip_trainable else [])
+        unknown = sorted(set(trainable or []) - {"lora", "routers", "projections", "ip_attention"})
+        if unknown:
+            raise ValueError(f"model.trainable: unknown parts {unknown}; choose from lora, routers, projections, "
+                             "ip_attention")
+        self.trainable = [p for p in ("lora", "routers", "projections", "ip_attention")
+                          if p in (default if trainable is None else trainable)]
+        self.stored_parts = [p for p in ("lora", "routers", "projections", "ip_attention")
+                             if p in default or p in self.trainable]
+        parts = self.parts()
+        for name in self.stored_parts:
+            for module in parts[name]:
+                for p in module.parameters():
+                    p.data = p.data.float()
+        for name, modules in parts.items():
+            for module in modules:
+                module.requires_grad_(name in self.trainable)
+        if not any(p.requires_grad for p in self.parameters()):
+            raise ValueError(f"model.trainable {self.trainable} selects no parameters for these branches")
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if num_voxels:
@@ -177,6 +201,59 @@ class RoutedDiffusionModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_loss_at = torch.nn.ModuleList(MeanMetric() for _ in self.val_timesteps)
         self.skip_ids: dict[str, set[int]] = {}  # predict: images already written (set by the writer callback)
+
+    def parts(self) -> dict[str, list[torch.nn.Module]]:
+        """The module groups ``trainable`` names, by reference: LoRA A/B of every peft LoRA layer, the branch
+        routers, the token projections and the IP attention processors."""
+        from peft.tuners.lora import LoraLayer
+
+        lora = [m for layer in self.unet.modules() if isinstance(layer, LoraLayer)
+                for m in (layer.lora_A, layer.lora_B)]
+        return {"lora": lora, "routers": [r for r in (self.image_router, self.text_router) if r is not None],
+                "projections": [m for m in (self.image_projection, self.brain_prompt) if m is not None],
+                "ip_attention": list(self.ip_processors)}
+
+    def stored_names(self) -> set[str]:
+        """Parameter names of the parts a checkpoint holds."""
+        parts = self.parts()
+        ids = {id(p) for name in self.stored_parts for m in parts[name] for p in m.parameters()}
+        return {n for n, p in self.named_parameters() if id(p) in ids}
+
+    def parameter_counts(self) -> dict[str, Any]:
+        """Parameters per part (params, share of the module's total, trainable) and the trained total."""
+        total = sum(p.numel() for p in self.parameters())
+        groups = {}
+        for name, modules in self.parts().items():
+            params = [p for m in modules for p in m.parameters()]
+            n = sum(p.numel() for p in params)
+            groups[name] = {"params": n, "share": n / max(1, total),
+                            "trainable": sum(p.numel() for p in params if p.requires_grad)}
+        trained = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"groups": groups, "total": total, "trainable": trained, "trainable_share": trained / max(1, total),
+                "trainable_parts": self.trainable}
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.init_from and not getattr(self, "_initialised_from", False):
+            self.load_from_stage2(self.hparams.init_from)
+            self._initialised_from = True
+
+    def load_from_stage2(self, path: str) -> None:
+        """Load the stored parts (LoRA, routers, projections, ...) of another stage-2 checkpoint."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model.init_from: no checkpoint at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        expected = self.stored_names()
+        missing = sorted(expected - set(state))
+        if missing:
+            raise ValueError(f"model.init_from {path} lacks {missing[:3]}{'...' if len(missing) > 3 else ''}: "
+                             "a different configuration (branches, LoRA targets, IP-Adapter training)?")
+        self.load_state_dict({k: state[k] for k in expected}, strict=False)
+
+    def on_fit_start(self) -> None:
+        counts = self.parameter_counts()
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            write_json_atomic(Path(self.trainer.log_dir) / "parameters.json",
+                              {**counts, "provenance": self.provenance()})
 
     # ------------------------------------------------------------------ conditioning
     def train(self, mode: bool = True):
@@ -412,8 +489,9 @@ class RoutedDiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ adapter-only checkpoints
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only what is trained: LoRA, routers, projections (and IP key/value weights when trained)."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        """The stored parts: LoRA, routers, projections (and IP key/value weights when trained), including any
+        that a transfer keeps frozen (loaded from ``init_from``)."""
+        names = self.stored_names()
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -442,7 +520,8 @@ class RoutedDiffusionModule(L.LightningModule):
     def provenance(self) -> dict[str, Any]:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         sources = {"sdxl_dir": self.hparams.sdxl_dir, "image_encoder": self.hparams.image_encoder,
-                   "text_encoder": self.hparams.text_encoder, "ip_adapter_weights": self.hparams.ip_adapter_weights}
+                   "text_encoder": self.hparams.text_encoder, "ip_adapter_weights": self.hparams.ip_adapter_weights,
+                   "init_from": self.hparams.get("init_from")}
         data: dict[str, Any] = {"data_format_version": FORMAT_VERSION, "sources": sources}
         if dm is not None and getattr(dm, "metas", None):
             data.update(data_dir=str(dm.data_dir), subjects=list(dm.subjects),

@@ -1,0 +1,57 @@
+"""Fit-then-test runs through the real CLI (``experiments.run``), resumable: a finished run is read, not redone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_STUDY = [REPO / "configs/base/trainer.yaml", REPO / "configs/stage1/tiny_synthetic.yaml",
+              REPO / "configs/stage1/tiny_study.yaml"]
+
+
+def run_dir(root: Path, name: str) -> Path:
+    """Where the run ``name`` logs under ``root`` (logger name ``name``, version ``run``)."""
+    return Path(root) / name / "run"
+
+
+def fit_and_test(configs: list[Path], overrides: list[str], root: Path, name: str) -> dict[str, Any]:
+    """Fit the config stack with ``overrides`` into ``root/name/run``, then test its last checkpoint. Returns
+    ``{"metrics": test metrics, "parameters": parameters.json (stage 1), "dir": run dir}``; an already tested run
+    is read back."""
+    from experiments.run import cli_main
+
+    directory = run_dir(root, name)
+    metrics_file = directory / "test_metrics.json"
+    if not metrics_file.is_file():
+        args = [a for c in configs for a in ("--config", str(c))] + [
+            f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+            f"--trainer.logger.init_args.name={name}", "--trainer.logger.init_args.version=run",
+            "--trainer.enable_progress_bar=false", *overrides]
+        last = directory / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            cli_main(["fit", *args])
+        cli_main(["test", *args, f"--ckpt_path={last}"])
+    parameters = directory / "parameters.json"
+    return {"metrics": json.loads(metrics_file.read_text())["metrics"], "dir": str(directory),
+            "parameters": json.loads(parameters.read_text()) if parameters.is_file() else None}
+
+
+def test_of_saved_run(directory: Path) -> dict[str, float]:
+    """Test metrics of a finished fit in ``directory`` (its ``config.yaml`` and ``checkpoints/last.ckpt``); tested
+    now with the saved config when ``test_metrics.json`` is missing (e.g. a Slurm sweep that only fitted)."""
+    from experiments.run import cli_main
+
+    directory = Path(directory)
+    metrics_file = directory / "test_metrics.json"
+    if not metrics_file.is_file():
+        config, last = directory / "config.yaml", directory / "checkpoints" / "last.ckpt"
+        for path in (config, last):
+            if not path.is_file():
+                raise FileNotFoundError(f"{directory} is not a finished run: no {path.relative_to(directory)}")
+        cli_main(["test", "--config", str(config), f"--ckpt_path={last}", "--trainer.enable_progress_bar=false"])
+        if not metrics_file.is_file():
+            raise FileNotFoundError(f"testing {directory} wrote no test_metrics.json there (its logger points "
+                                    "elsewhere?)")
+    return json.loads(metrics_file.read_text())["metrics"]
