@@ -11,14 +11,21 @@ CONFIGS = REPO / "configs"
 
 
 def stacks() -> list[list[Path]]:
-    """Config stacks: stage 1 on its base (the tiny image config on top of the tiny text one), stage 2 on its base,
-    every ablation on top of the paper-scale stage-2 config."""
+    """Config stacks: stage 1 on its base (overlays on the config they modify: the tiny image and study configs on
+    the tiny text one, bottleneck and transfer on the paper-scale image config), stage 2 on its base, every
+    ablation and transfer config on top of the paper-scale stage-2 config."""
     out = []
+    tiny, paper = CONFIGS / "stage1/tiny_synthetic.yaml", CONFIGS / "stage1/image_nsd.yaml"
+    below = {"tiny_synthetic_image.yaml": [tiny], "tiny_study.yaml": [tiny], "bottleneck.yaml": [paper],
+             "interpret_positive_control.yaml": [tiny]}
     for config in sorted((CONFIGS / "stage1").glob("*.yaml")):
-        extra = [CONFIGS / "stage1/tiny_synthetic.yaml"] if config.name == "tiny_synthetic_image.yaml" else []
-        out.append([CONFIGS / "base/trainer.yaml", *extra, config])
+        out.append([CONFIGS / "base/trainer.yaml", *below.get(config.name, []), config])
+    for config in sorted((CONFIGS / "stage1/transfer").glob("*.yaml")):
+        out.append([CONFIGS / "base/trainer.yaml", paper, config])
     for config in sorted((CONFIGS / "stage2").glob("*.yaml")):
         out.append([CONFIGS / "base/stage2_trainer.yaml", config])
+    for config in sorted((CONFIGS / "stage2/transfer").glob("*.yaml")):
+        out.append([CONFIGS / "base/stage2_trainer.yaml", CONFIGS / "stage2/sdxl_nsd.yaml", config])
     for config in sorted((CONFIGS / "stage2/ablations").glob("*.yaml")):
         out.append([CONFIGS / "base/stage2_trainer.yaml", CONFIGS / "stage2/sdxl_nsd.yaml", config])
     return out
@@ -56,3 +63,21 @@ def test_ablation_rows_set_the_routers_they_name():
     assert branches("text_image_s_only") == (("uniform", True, "prior", 768),) * 2
     for variant in ("fixed", "hard", "soft"):
         assert branches(f"text_image_t_{variant}") == ((variant, False, "prior", 768),) * 2
+
+
+def test_transfer_configs_set_what_they_name():
+    def model(stack):
+        return parse(stack)["model"]["init_args"]
+
+    router_only = model([CONFIGS / "base/trainer.yaml", CONFIGS / "stage1/image_nsd.yaml",
+                         CONFIGS / "stage1/transfer/router_only.yaml"])
+    assert router_only.trainable == ["new_adapters", "routers"] and router_only.new_subjects == ["subj02"]
+    finetune = parse([CONFIGS / "base/trainer.yaml", CONFIGS / "stage1/image_nsd.yaml",
+                      CONFIGS / "stage1/transfer/mindeye2_finetune.yaml"])
+    assert finetune["data"]["init_args"]["num_sessions"] == 1 and "subj01" not in parse(
+        [CONFIGS / "base/trainer.yaml", CONFIGS / "stage1/image_nsd.yaml",
+         CONFIGS / "stage1/transfer/mindeye2_pretrain.yaml"])["data"]["init_args"]["subjects"]
+    assert set(finetune["model"]["init_args"]["trainable"]) >= {"new_adapters", "experts", "heads", "prior"}
+    stage2 = model([CONFIGS / "base/stage2_trainer.yaml", CONFIGS / "stage2/sdxl_nsd.yaml",
+                    CONFIGS / "stage2/transfer/routers_only.yaml"])
+    assert stage2.trainable == ["routers"] and stage2.init_from
