@@ -59,7 +59,8 @@ def stage2_rows(init_args: dict, embed_dim: int = 1280, num_experts: tuple[int, 
         lora_rank=init_args.get("lora_rank", 16), lora_alpha=init_args.get("lora_alpha", 16),
         lora_targets=init_args.get("lora_targets"),
         ip_trainable=(not weights) if trainable is None else bool(trainable),
-        prompt_mode=init_args.get("prompt_mode", "reference"), pooled_text=init_args.get("pooled_text", "zeros"))
+        prompt_mode=init_args.get("prompt_mode", "reference"), pooled_text=init_args.get("pooled_text", "zeros"),
+        trainable=init_args.get("trainable"))
     return rows, source
 
 
@@ -85,12 +86,18 @@ def main(argv: list[str] | None = None) -> int:
             print("The frozen stage-1 encoders (and priors) come from their checkpoints and are not counted.")
         return 0
     model_spec["init_args"]["num_voxels"] = voxel_counts(config["data"]["init_args"])
-    model_spec["init_args"]["init_from"] = None
-    model_spec["init_args"]["new_subjects"] = None
     with torch.device("meta"):
-        model = build(model_spec)
+        model = build(model_spec)  # init_from is only read when a fit starts
     rows = parameter_table(model, args.depth)
-    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    counts = model.parameter_counts()
+    if args.json:
+        print(json.dumps({"modules": rows, "groups": counts}, indent=1))
+        return 0
+    print(format_table(rows))
+    print("\n" + "\n".join(f"{name:13} {g['params']:14,d} {g['share']:7.2%} trained {g['trainable']:14,d}"
+                           for name, g in counts["groups"].items()))
+    print(f"trained: {counts['trainable']:,} of {counts['total']:,} ({counts['trainable_share']:.2%}); parts: "
+          f"{', '.join(counts['trainable_parts'])}")
     return 0
 
 

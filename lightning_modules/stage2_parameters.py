@@ -46,11 +46,11 @@ def stage2_parameter_report(unet_config: dict, image_branch: BranchSpec | None, 
                             lora_rank: int = 16, lora_alpha: int = 16,
                             lora_targets: Sequence[str] | None = LORA_TARGETS, ip_trainable: bool = True,
                             prompt_mode: PromptMode = "reference", pooled_text: PooledMode = "zeros",
-                            prompt_length: int = 77) -> list[dict]:
+                            prompt_length: int = 77, trainable: Sequence[str] | None = None) -> list[dict]:
     """Rows ``{key, name, params, trainable, depth}`` (``format_table``'s layout; the last row is the total, which
     also carries ``trainable_share``). ``embed_dim`` / ``num_experts``: the stage-1 experts' width and tree (both
     branches); ``ip_trainable``: IP projection and key / value weights trained (the module's default: only when no
-    IP-Adapter file is loaded)."""
+    IP-Adapter file is loaded); ``trainable``: the module's ``trainable`` parts (None: its default)."""
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
@@ -85,6 +85,14 @@ def stage2_parameter_report(unet_config: dict, image_branch: BranchSpec | None, 
             prompt = BrainPrompt(embed_dim, cross_dim, pooled_dim, torch.zeros(cross_dim), prompt_length,
                                  prompt_mode, pooled_text)
 
+    if trainable is not None:  # RoutedDiffusionModule.parts(), by the same module references
+        for name, modules in (("lora", [unet]), ("routers", list(routers.values())),
+                              ("projections", [m for m in (projection, prompt) if m is not None]),
+                              ("ip_attention", [processors])):
+            for module in modules:
+                for n, p in module.named_parameters():
+                    if name != "lora" or "lora_" in n:
+                        p.requires_grad_(name in trainable)
     lora_total, lora_trainable = _numel(p for n, p in unet.named_parameters() if "lora_" in n)
     ip_total, ip_train = _numel(processors.parameters())
     unet_total, _ = _numel(unet.parameters())

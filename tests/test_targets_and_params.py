@@ -98,7 +98,10 @@ def test_params_command_matches_the_reference_counts(capsys):
                  "--json"]) == 0
     import json
 
-    rows = {r["name"]: r["params"] for r in json.loads(capsys.readouterr().out)}
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r["params"] for r in report["modules"]}
+    groups = report["groups"]["groups"]
+    assert groups["adapters"]["params"] == 64_409_600 and groups["routers"]["params"] == 30
     # reference-morebrain.md section 9, subject 1 (V = 15724)
     assert rows["adapters"] == 64_409_600
     assert rows["moe.backbone_heads"] == 21_009_920

@@ -126,3 +126,13 @@ def test_stage2_transfer_trains_only_the_routers_and_keeps_complete_checkpoints(
     assert not any(p.requires_grad for m in with_projections.parts()["lora"] for p in m.parameters())
     with pytest.raises(FileNotFoundError, match="model.init_from"):
         build(tiny_models, stage1_checkpoints, init_from=str(tmp_path / "missing.ckpt")).setup("fit")
+
+
+def test_paper_scale_stage2_transfer_counts_only_the_routers_as_trained():
+    from experiments.params import stage2_rows
+
+    spec = {"temporal": "soft", "spatial": True, "grid": 4}
+    rows, _ = stage2_rows({"image_branch": spec, "text_branch": spec, "trainable": ["routers"]})
+    by = {r["key"]: r for r in rows}
+    assert by["total"]["trainable"] == by["image_router"]["params"] + by["text_router"]["params"] == 1_181_184
+    assert by["lora"]["trainable"] == 0 and by["lora"]["params"] == 41_861_120
