@@ -1,7 +1,7 @@
 """DreamSim (Fu et al. 2023), as MoRE-Brain's ``final_evaluations.py`` adds it; lower is better.
 
-The ``dreamsim`` package (0.2.1; optional: ``pip install dreamsim==0.2.1`` adds it, with open_clip_torch, timm and
-ftfy, without changing any pinned package), default "ensemble" model (DINO ViT-B/16 + CLIP ViT-B/16 +
+The ``dreamsim`` package (0.2.1; the optional extra ``pip install -e '.[dreamsim]'`` adds it with pinned
+open_clip_torch, timm and ftfy, without changing any other pinned package), default "ensemble" model (DINO ViT-B/16 + CLIP ViT-B/16 +
 OpenCLIP ViT-B/16 with the DreamSim LoRA), normalised embeddings; the distance of a pair is 1 - cosine similarity
 of the embeddings. Input: the 256 px images resized to 224 with bicubic interpolation, in [0, 1].
 
@@ -26,7 +26,7 @@ from torch import nn
 from lightning_modules.components.target_embedders import MissingWeightsError
 from lightning_modules.evaluation.preprocessing import DREAMSIM
 
-PACKAGE_HINT = "pip install dreamsim==0.2.1; it installs beside the pinned stack without changing it"
+PACKAGE_HINT = "pip install -e '.[dreamsim]'; it installs beside the pinned stack without changing it"
 REQUIRED_FILES = (
     "dino_vitb16_pretrain.pth",
     "clip_vitb16_pretrain.pth.tar",
