@@ -22,6 +22,7 @@ TARGETS ?= image text#       stage-1 targets
 B_SIZES ?= 256 512 1024 2048# bottleneck widths (slurm-bottleneck)
 NEW_SUBJECTS ?= subj02 subj05 subj07# transfer targets (slurm-cross-subject), each from SOURCE_SUBJECT's stage-1 model
 SOURCE_SUBJECT ?= subj01
+TRANSFER_SESSIONS ?= 1#      the new subjects' first N sessions (slurm-cross-subject; empty: all)
 INIT_FROM ?=#                a stage-1 checkpoint to transfer from instead (one target)
 STAGE1_JOB ?=#               job id of a submitted stage-1 array: slurm-stage2 / slurm-cross-subject wait for it
 NODES ?= 1
@@ -100,4 +101,5 @@ slurm-bottleneck: install ## Slurm array: stage 1 over SUBJECTS x TARGETS x B_SI
 	$(SLURM) bottleneck --b-sizes $(B_SIZES)
 
 slurm-cross-subject: install ## Slurm array: NEW_SUBJECTS from SOURCE_SUBJECT's stage-1 model (init_from; after STAGE1_JOB)
-	$(SLURM) cross-subject --new-subjects $(NEW_SUBJECTS) --source-subject $(SOURCE_SUBJECT) --init-from=$(call shq,$(INIT_FROM))
+	$(SLURM) cross-subject --new-subjects $(NEW_SUBJECTS) --source-subject $(SOURCE_SUBJECT) --init-from=$(call shq,$(INIT_FROM)) \
+	--transfer-sessions=$(call shq,$(TRANSFER_SESSIONS))

@@ -6,6 +6,7 @@ SIGUSR1 requeue that resumes from Lightning's hpc checkpoint."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import subprocess
@@ -79,6 +80,10 @@ def test_every_generated_line_parses_through_the_real_cli(tmp_path, monkeypatch)
     model = cli_main(sub.sweep.line(0)[1:], run=False, instantiate=False).config.model.init_args
     assert model.init_from == f"{tmp_path}/nsd_stage1/0-subj01-image/checkpoints/last.ckpt"
     assert model.new_subjects == ["subj05"] and sub.after == [("77", 0)]
+    ns = args_for("cross-subject", "--new-subjects", "subj05", "--targets", "image", "--logs", str(tmp_path),
+                  "--transfer-sessions", "1", "--dry-run")
+    (sub,) = plan_for("cross-subject", ns)
+    assert cli_main(sub.sweep.line(0)[1:], run=False, instantiate=False).config.data.init_args.num_sessions == 1
 
 
 def test_slurm_config_takes_devices_and_nodes_from_the_allocation(monkeypatch):
@@ -239,6 +244,9 @@ def test_transfer_starts_only_after_its_stage1_task_and_starts_from_its_checkpoi
     ckpt = torch.load(transfer_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["hyper_parameters"]["init_from"] == str(source_ckpt)
     assert ckpt["hyper_parameters"]["new_subjects"] == ["subj03"] and ckpt["provenance"]["subjects"] == ["subj03"]
+    assert ckpt["provenance"]["sessions"] == {"subj03": [1]}  # the Makefile's TRANSFER_SESSIONS=1
+    counts = json.loads((transfer_dir / "parameters.json").read_text())
+    assert counts["trainable_parts"] == ["new_adapters", "routers"]
 
 
 @pytest.mark.slow

@@ -183,9 +183,11 @@ def stage2_sweep(profile: str, subjects: Sequence[str], stage1: Sweep, logs: str
 
 def transfer_sweep(profile: str, new_subjects: Sequence[str], targets: Sequence[str], source: str, logs: str,
                    experiment: str, stage1: Sweep | None = None, init_from: str | None = None,
-                   extra: Sequence[str] = ()) -> Sweep:
+                   extra: Sequence[str] = (), sessions: int | None = None) -> Sweep:
     """Cross-subject transfer: each new subject trained from the source subject's stage-1 checkpoint (per target;
-    ``init_from`` instead names one checkpoint for a single target). Only the new subject's adapter is fresh."""
+    ``init_from`` instead names one checkpoint for a single target) on its first ``sessions`` sessions (None: all).
+    Only the new subject's adapter is fresh; what trains is the model's ``trainable`` (default: adapter and
+    routers; override with ARGS='--model.init_args.trainable=[...]')."""
     prof = _profile(profile)
     targets = _targets(targets)
     source = subject_name(source)
@@ -202,8 +204,11 @@ def transfer_sweep(profile: str, new_subjects: Sequence[str], targets: Sequence[
         args = ["fit", *_configs(STAGE1_BASE, *prof.stage1[target], SLURM_CONFIG),
                 f"--data.init_args.subjects=[{subject}]", f"--model.init_args.init_from={ckpt}",
                 f"--model.init_args.new_subjects=[{subject}]"]
+        if sessions:
+            args.append(f"--data.init_args.num_sessions={int(sessions)}")
         tasks.append(Task(f"{subject}-from-{source}-{target}", [*args, *extra],
-                          {"subject": subject, "target": target, "source": source, "stage1": src}))
+                          {"subject": subject, "target": target, "source": source, "stage1": src,
+                           "sessions": sessions}))
     return Sweep(experiment, logs, tasks)
 
 
@@ -335,7 +340,8 @@ def plan_for(command: str, args: argparse.Namespace) -> list[Submission]:
             raise ValueError("the cross-subject sweep needs new subjects (NEW_SUBJECTS='subj05 ...')")
         source = stage1() if not args.init_from else None
         sweep = transfer_sweep(args.profile, args.new_subjects, args.targets, args.source_subject, logs,
-                               f"{name}_transfer", stage1=source, init_from=args.init_from, extra=stage1_extra)
+                               f"{name}_transfer", stage1=source, init_from=args.init_from, extra=stage1_extra,
+                               sessions=args.transfer_sessions)
         after = upstream(t.meta["stage1"] for t in sweep.tasks) if source is not None else []
         if not after and source is not None and not args.dry_run:
             _require_files([source.checkpoint(t.meta["stage1"]) for t in sweep.tasks], "STAGE1_JOB")
@@ -381,6 +387,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--b-sizes", nargs="*", type=int, default=[], help="bottleneck widths (bottleneck)")
     p.add_argument("--new-subjects", nargs="*", default=[], help="subjects to transfer to (cross-subject)")
     p.add_argument("--source-subject", default="subj01", help="the stage-1 subject they start from")
+    p.add_argument("--transfer-sessions", type=lambda v: int(v) if v else None, default=None,
+                   help="the new subjects' first N sessions (cross-subject; empty: all)")
     p.add_argument("--init-from", type=_none_if_empty, default=None,
                    help="a stage-1 checkpoint to transfer from (one target) instead of the stage-1 sweep's")
     p.add_argument("--stage1-job", type=_none_if_empty, default=None,
