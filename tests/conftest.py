@@ -9,8 +9,15 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tiny models: one intra-op thread per process is faster than two (no fork-join overhead on small ops), and the
+# subprocess tests (two DDP ranks, Slurm tasks) inherit it, so they do not oversubscribe the cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 from datamodules.synthetic import SyntheticNSDConfig, generate, simulate, write_mindeye2_layout  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 SMALL = SyntheticNSDConfig(seed=3, voxels=(300, 240, 360), num_sessions=3, trials_per_session=90,
                            num_test_images=20, image_size=32)
