@@ -59,6 +59,17 @@ class SyntheticNSDConfig:
 
 
 @dataclass
+class PlantedFactorsConfig(SyntheticNSDConfig):
+    """The interpretability positive control: every ROI type drives one separable latent factor of the scenes
+    (``PLANTED_FACTORS``) and nothing else, with high reliability; ``planted_targets`` gives a target that is a
+    linear image of the same factors (one orthogonal direction each). ``simulate`` switches on the type, so the
+    default config's data (and its random stream) are unchanged."""
+
+    reliability: tuple[float, float] = (0.8, 0.9)
+    target_dim: int = 32
+
+
+@dataclass
 class SceneFactors:
     """Latent factors of every image in the universe, arrays (N,)."""
 
@@ -224,6 +235,40 @@ def signal(rng: np.random.Generator, subject: SubjectModel, images: np.ndarray, 
     return out
 
 
+PLANTED_FACTORS = {"low_level": "horizontal position (cx)", "mid_level": "object size",
+                   **{f"category_{c}": f"category is {c} (0/1)" for c in CATEGORIES}}
+
+
+def planted_latents(f: SceneFactors) -> np.ndarray:
+    """(N, 8) the positive control's latent factors in ``PLANTED_FACTORS`` order, each standardised over the
+    image universe: cx, size, then one indicator per category. Independent across ROI types by construction (cx,
+    size and category are drawn independently)."""
+    z = np.concatenate([f.cx[:, None], f.size[:, None], np.eye(len(CATEGORIES))[f.category]], 1)
+    return ((z - z.mean(0)) / (z.std(0) + 1e-6)).astype(np.float32)
+
+
+def planted_signal(rng: np.random.Generator, subject: SubjectModel, f: SceneFactors) -> np.ndarray:
+    """Noise-free responses (N_images, V) of the positive control: a voxel of ROI type r is a positive gain times
+    r's latent factor (``planted_latents``), standardised like ``signal``; unresponsive voxels are 0."""
+    z = planted_latents(f)
+    out = np.zeros((len(z), subject.num_voxels), np.float32)
+    for k, name in enumerate(PLANTED_FACTORS):
+        sel = subject.roi == ROI_NAMES.index(name)
+        out[:, sel] = z[:, [k]] * rng.uniform(0.7, 1.3, sel.sum())
+    responsive = subject.roi != ROI_NAMES.index("unresponsive")
+    sig = out[:, responsive]
+    out[:, responsive] = (sig - sig.mean(0)) / (sig.std(0) + 1e-6)
+    return out
+
+
+def planted_targets(f: SceneFactors, dim: int, seed: int) -> np.ndarray:
+    """(N, dim) float32 positive-control targets: the latent factors times a random matrix with orthonormal rows
+    (one target direction per factor; ``dim`` >= 8)."""
+    z = planted_latents(f)
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(dim, z.shape[1])))
+    return (z @ q.T).astype(np.float32)
+
+
 def design_trials(rng: np.random.Generator, cfg: SyntheticNSDConfig, train_ids: np.ndarray,
                   test_ids: np.ndarray) -> TrialTable:
     """Chronological trials: every test image ``repeats`` times, training images fill the rest (up to
@@ -276,7 +321,8 @@ def simulate(cfg: SyntheticNSDConfig) -> SyntheticNSD:
         own = ids[cfg.num_test_images + s * per_subject_train: cfg.num_test_images + (s + 1) * per_subject_train]
         model = build_subject(rng, name, n_vox, cfg)
         table = design_trials(rng, cfg, own, test_ids)
-        sig = signal(rng, model, images, factors)
+        sig = planted_signal(rng, model, factors) if isinstance(cfg, PlantedFactorsConfig) else \
+            signal(rng, model, images, factors)
         rel = model.reliability
         noise_sd = np.where(rel > 0, np.sqrt((1 - np.maximum(rel, 1e-6)) / np.maximum(rel, 1e-6)), 1.0)
         noise = rng.standard_normal((total, n_vox)).astype(np.float32) * noise_sd.astype(np.float32)
@@ -344,6 +390,18 @@ def generate(cfg: SyntheticNSDConfig, out: str | Path, data: SyntheticNSD | None
                                                    "universe_size": len(data.images),
                                                    "test_ids": data.test_ids.tolist()})
     return data
+
+
+def write_planted_targets(data: SyntheticNSD, directory: str | Path) -> Path:
+    """The positive control's target cache (``planted_targets`` of every universe image) in the data layer's
+    target-cache format (``values`` (N, target_dim), joined by nsd_id)."""
+    from datamodules.target_cache import write_target_cache
+
+    if not isinstance(data.cfg, PlantedFactorsConfig):
+        raise DataFormatError("planted targets exist only for a PlantedFactorsConfig dataset")
+    values = planted_targets(data.factors, data.cfg.target_dim, data.cfg.seed + 1)
+    return write_target_cache(directory, np.arange(len(values)), values, model="planted latent factors",
+                              layer="latents @ orthonormal rows", extra={"factors": list(PLANTED_FACTORS)})
 
 
 def _behav_rows(table: TrialTable, subject_index: int) -> np.ndarray:
