@@ -308,10 +308,11 @@ class BrainEncoderModule(L.LightningModule):
         metrics = self._collect_metrics("test")
         for name, value in metrics.items():
             self.log(name, value, sync_dist=False)
-        if self.trainer.is_global_zero and self.trainer.log_dir:
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank asks
+        if self.trainer.is_global_zero and log_dir:
             record = {"metrics": metrics, "repeat_average": self.hparams.repeat_average,
                       "provenance": self.provenance()}
-            write_json_atomic(Path(self.trainer.log_dir) / "test_metrics.json", record)
+            write_json_atomic(Path(log_dir) / "test_metrics.json", record)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         r = self._evaluate_batch(batch, batch_idx)
@@ -418,8 +419,9 @@ class BrainEncoderModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         counts = self.parameter_counts()
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            write_json_atomic(Path(self.trainer.log_dir) / "parameters.json",
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank asks
+        if self.trainer.is_global_zero and log_dir:
+            write_json_atomic(Path(log_dir) / "parameters.json",
                               {**counts, "provenance": self.provenance()})
         g = counts["groups"]
         rank_zero_info("stage 1 parameters: " + ", ".join(

@@ -251,8 +251,9 @@ class RoutedDiffusionModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         counts = self.parameter_counts()
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            write_json_atomic(Path(self.trainer.log_dir) / "parameters.json",
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank asks
+        if self.trainer.is_global_zero and log_dir:
+            write_json_atomic(Path(log_dir) / "parameters.json",
                               {**counts, "provenance": self.provenance()})
 
     # ------------------------------------------------------------------ conditioning

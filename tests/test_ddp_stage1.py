@@ -36,6 +36,7 @@ def test_two_rank_fit_reduces_validation_over_valid_rows_only(small_data, target
     run = ddp_fit(small_data, tmp_path, "--data.init_args.subjects=[subj01, subj02]", "--data.init_args.val_images=1")
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == 1
+    assert (run / "parameters.json").is_file()  # written by rank zero after a broadcast every rank joins
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
