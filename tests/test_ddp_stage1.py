@@ -30,10 +30,19 @@ def ddp_fit(data: Path, tmp_path: Path, *extra: str) -> Path:
     return tmp_path / "stage1_tiny" / "ddp"
 
 
+@pytest.fixture(scope="module")
+def ddp_run(small_data, targets, tmp_path_factory) -> tuple[Path, Path]:
+    """One two-process fit for the tests below: subjects 1 and 2 with one validation image each, so that rank 1
+    holds only a padding copy of every validation batch."""
+    tmp_path = tmp_path_factory.mktemp("ddp_stage1")
+    return ddp_fit(small_data, tmp_path, "--data.init_args.subjects=[subj01, subj02]",
+                   "--data.init_args.val_images=1"), tmp_path
+
+
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_two_rank_fit_reduces_validation_over_valid_rows_only(small_data, targets, tmp_path):
-    run = ddp_fit(small_data, tmp_path, "--data.init_args.subjects=[subj01, subj02]", "--data.init_args.val_images=1")
+def test_two_rank_fit_reduces_validation_over_valid_rows_only(ddp_run):
+    run, _ = ddp_run
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == 1
     assert (run / "parameters.json").is_file()  # written by rank zero after a broadcast every rank joins
@@ -68,13 +77,12 @@ def numpy_level_statistics(probs: np.ndarray, indices: np.ndarray) -> dict[str, 
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_two_rank_routing_statistics_equal_a_single_process_computation(small_data, targets, tmp_path):
+def test_two_rank_routing_statistics_equal_a_single_process_computation(ddp_run, small_data):
     """The routing statistics a 2-process DDP fit logs at its last validation equal, to float precision, a
-    single-process loop over the same validation samples with the same (final) weights; TensorBoard holds the
-    scalars, the gate-mass histograms and the retrieval grid."""
+    single-process loop over the same validation samples (both subjects; rank 1 holds only padding) with the same
+    (final) weights; TensorBoard holds the scalars, the gate-mass histograms and the retrieval grid."""
+    run, tmp_path = ddp_run
     val_cache = tmp_path / "vc"
-    run = ddp_fit(small_data, tmp_path, "--data.init_args.subjects=[subj01]", "--data.init_args.val_images=5",
-                  "--data.init_args.eval_batch_size=2")
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -85,22 +93,23 @@ def test_two_rank_routing_statistics_equal_a_single_process_computation(small_da
     assert "val/truth_vs_retrieved" in events.Tags()["images"]
     assert "routing/level3/gate_mass_share" in events.Tags()["histograms"]
     model = BrainEncoderModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu").eval()
-    dm = NSDDataModule(str(small_data), subjects=["subj01"], eval_batch_size=3, num_workers=0, val_images=5,
-                       val_cache_dir=str(val_cache), load_images=False, targets={"clip_text": "targets/clip_text"})
+    dm = NSDDataModule(str(small_data), subjects=["subj01", "subj02"], eval_batch_size=3, num_workers=0,
+                       val_images=1, val_cache_dir=str(val_cache), load_images=False,
+                       targets={"clip_text": "targets/clip_text"})
     dm.prepare_data()
     dm.setup("validate")
     rows: list[dict] = [{"entropy": [], "mass": [], "coverage": []} for _ in model.moe.num_experts]
     seen = 0
     with torch.no_grad():
-        for batch in dm.val_dataloader()[0]:
-            out, _ = model.encode_repeats(batch["voxels"], batch["repeat_mask"], "subj01")
+        for batch in (b for loader in dm.val_dataloader() for b in loader):
+            out, _ = model.encode_repeats(batch["voxels"], batch["repeat_mask"], batch["subject"])
             keep = (batch["valid"][:, None] & batch["repeat_mask"]).reshape(-1).numpy()
             seen += int(batch["valid"].sum())
             for level, routing in enumerate(out.routing):
                 stats = numpy_level_statistics(routing.probs.numpy()[keep], routing.indices.numpy()[keep])
                 for key, value in stats.items():
                     rows[level][key].append(value)
-    assert seen == 5
+    assert seen == 2
     for level, parts in enumerate(rows):
         entropy, mass, coverage = (np.concatenate(parts[k]) for k in ("entropy", "mass", "coverage"))
         share = mass.sum(0) / mass.sum()

@@ -417,14 +417,15 @@ def test_a_fit_killed_mid_epoch_resumes_from_last_like_the_uninterrupted_run(sma
     thread): at most 0.045 of the movement (subj03 cosine: 0.0020 of 0.045; every other metric <= 0.012, e.g. MSE
     0.022 of 2.7, prior cosine 0.0009 of 0.25); a run with ``seed_everything: 1`` instead differs by 0.14 to 4 times
     the movement, so the criterion tells "the same run, resumed" from "another run" with margin on both sides."""
-    full_logs, probe_full = tmp_path / "full", tmp_path / "probe_full"
-    _run(_fit_command(small_data, full_logs, probe_full), tmp_path / "full.log")
-
+    # the run to be killed and the uninterrupted one are independent: they run side by side (one thread each)
     logs, probe_killed, probe_resumed = tmp_path / "killed", tmp_path / "probe_killed", tmp_path / "probe_resumed"
     log = open(tmp_path / "killed.log", "w")
     process = subprocess.Popen(_fit_command(small_data, logs, probe_killed,
                                             f"--trainer.callbacks.pause_at_step={PAUSE}"),
                                cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    full_logs, probe_full = tmp_path / "full", tmp_path / "probe_full"
+    _run(_fit_command(small_data, full_logs, probe_full), tmp_path / "full.log")
+
     deadline = time.monotonic() + 600
     while not (probe_killed / "paused").exists():
         if process.poll() is not None or time.monotonic() > deadline:

@@ -30,9 +30,11 @@ def fit_and_test(configs: list[Path], overrides: list[str], root: Path, name: st
             f"--trainer.logger.init_args.name={name}", "--trainer.logger.init_args.version=run",
             "--trainer.enable_progress_bar=false", *overrides]
         last = directory / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            cli_main(["fit", *args])
-        cli_main(["test", *args, f"--ckpt_path={last}"])
+        if last.is_file():
+            cli_main(["test", *args, f"--ckpt_path={last}"])
+        else:  # test with the fit's own trainer, model and data (no second parse and build)
+            cli = cli_main(["fit", *args])
+            cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=str(last))
     parameters = directory / "parameters.json"
     return {"metrics": json.loads(metrics_file.read_text())["metrics"], "dir": str(directory),
             "parameters": json.loads(parameters.read_text()) if parameters.is_file() else None}
