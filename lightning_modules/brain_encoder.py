@@ -18,7 +18,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
-from datamodules.atomic import write_json_atomic
 from datamodules.provenance import provenance
 from datamodules.shard_format import FORMAT_VERSION, subject_name
 from lightning_modules.components.batched_layers import BatchedLayerNorm
@@ -34,6 +33,7 @@ from lightning_modules.components.moe_encoder import HierarchicalMoE, MoEOutput
 from lightning_modules.components.subject_adapters import SubjectAdapters
 from lightning_modules.components.token_head import TokenHead
 from lightning_modules.metrics import RetrievalMetric, retrieval_top1
+from lightning_modules.run_records import write_run_record
 
 PriorInput = Literal["mean", "level_sums", "experts"]
 Part = Literal["new_adapters", "adapters", "routers", "experts", "heads", "prior", "token_head"]
@@ -308,11 +308,8 @@ class BrainEncoderModule(L.LightningModule):
         metrics = self._collect_metrics("test")
         for name, value in metrics.items():
             self.log(name, value, sync_dist=False)
-        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank asks
-        if self.trainer.is_global_zero and log_dir:
-            record = {"metrics": metrics, "repeat_average": self.hparams.repeat_average,
-                      "provenance": self.provenance()}
-            write_json_atomic(Path(log_dir) / "test_metrics.json", record)
+        write_run_record(self.trainer, "test_metrics.json", {
+            "metrics": metrics, "repeat_average": self.hparams.repeat_average, "provenance": self.provenance()})
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         r = self._evaluate_batch(batch, batch_idx)
@@ -419,10 +416,7 @@ class BrainEncoderModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         counts = self.parameter_counts()
-        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank asks
-        if self.trainer.is_global_zero and log_dir:
-            write_json_atomic(Path(log_dir) / "parameters.json",
-                              {**counts, "provenance": self.provenance()})
+        write_run_record(self.trainer, "parameters.json", {**counts, "provenance": self.provenance()})
         g = counts["groups"]
         rank_zero_info("stage 1 parameters: " + ", ".join(
             f"{k} {v['params']:,} ({v['share']:.2%}, {v['trainable']:,} trained)" for k, v in g.items() if v["params"])

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable
 from torchmetrics import MeanMetric
 
-from datamodules.atomic import write_json_atomic
 from datamodules.provenance import provenance
 from datamodules.shard_format import FORMAT_VERSION, subject_name
 from lightning_modules.components.brain_prompt import BrainPrompt, PooledMode, PromptMode
@@ -35,6 +34,7 @@ from lightning_modules.components.injection import (
 from lightning_modules.components.level_prior import KLDirection, gaussian_level_target, level_kl
 from lightning_modules.components.routed_branch import BranchOutput, BranchSpec, RoutedBranch
 from lightning_modules.routed_sampling import SamplerName, sample_latents
+from lightning_modules.run_records import write_run_record
 from lightning_modules.sdxl_loading import DTYPES, encode_prompt, load_sdxl
 from lightning_modules.stage1_conditions import FrozenStage1
 
@@ -250,11 +250,7 @@ class RoutedDiffusionModule(L.LightningModule):
         self.load_state_dict({k: state[k] for k in expected}, strict=False)
 
     def on_fit_start(self) -> None:
-        counts = self.parameter_counts()
-        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank asks
-        if self.trainer.is_global_zero and log_dir:
-            write_json_atomic(Path(log_dir) / "parameters.json",
-                              {**counts, "provenance": self.provenance()})
+        write_run_record(self.trainer, "parameters.json", {**self.parameter_counts(), "provenance": self.provenance()})
 
     # ------------------------------------------------------------------ conditioning
     def train(self, mode: bool = True):
