@@ -403,8 +403,8 @@ class BrainEncoderModule(L.LightningModule):
         total, trainable = count(self.parameters())
         groups: dict[str, dict[str, float]] = {}
         seen: set[int] = set()
-        for name, keys in (("new_adapters", ["new_adapters"]), ("adapters", ["adapters"]), ("routers", ["routers"])):
-            params = [p for k in keys for m in parts[k] for p in m.parameters()]
+        for name in ("new_adapters", "adapters", "routers"):
+            params = [p for m in parts[name] for p in m.parameters()]
             seen.update(id(p) for p in params)
             n, t = count(params)
             groups[name] = {"params": n, "share": n / max(1, total), "trainable": t}

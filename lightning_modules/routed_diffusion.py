@@ -41,7 +41,7 @@ from lightning_modules.stage1_conditions import FrozenStage1
 REFERENCE_NEGATIVE = ("low quality, blurry, deformed, bad anatomy, disfigured, poorly drawn, mutated, extra limbs")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 Stage2Part = Literal["lora", "routers", "projections", "ip_attention"]
-TRANSFER_PARTS: list[Stage2Part] = ["routers"]
+PARTS: tuple[Stage2Part, ...] = ("lora", "routers", "projections", "ip_attention")
 
 
 class RoutedDiffusionModule(L.LightningModule):
@@ -172,14 +172,11 @@ class RoutedDiffusionModule(L.LightningModule):
                                          target_modules=list(lora_targets or LORA_TARGETS)))
         # after add_adapter: peft leaves only the LoRA weights of the UNet trainable; the parts decide the rest
         default: list[str] = ["lora", "routers", "projections"] + (["ip_attention"] if ip_trainable else [])
-        unknown = sorted(set(trainable or []) - {"lora", "routers", "projections", "ip_attention"})
+        unknown = sorted(set(trainable or []) - set(PARTS))
         if unknown:
-            raise ValueError(f"model.trainable: unknown parts {unknown}; choose from lora, routers, projections, "
-                             "ip_attention")
-        self.trainable = [p for p in ("lora", "routers", "projections", "ip_attention")
-                          if p in (default if trainable is None else trainable)]
-        self.stored_parts = [p for p in ("lora", "routers", "projections", "ip_attention")
-                             if p in default or p in self.trainable]
+            raise ValueError(f"model.trainable: unknown parts {unknown}; choose from {list(PARTS)}")
+        self.trainable = [p for p in PARTS if p in (default if trainable is None else trainable)]
+        self.stored_parts = [p for p in PARTS if p in default or p in self.trainable]
         parts = self.parts()
         for name in self.stored_parts:
             for module in parts[name]:
