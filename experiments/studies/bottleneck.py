@@ -7,7 +7,6 @@ any that have no ``test_metrics.json`` yet, and writes one row per run and subje
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 from collections import defaultdict
@@ -19,6 +18,7 @@ import yaml
 from datamodules.atomic import atomic_path, write_json_atomic
 from datamodules.provenance import provenance
 from experiments.studies.runs import test_of_saved_run
+from lightning_modules.interpretability.outputs import write_csv
 
 METRICS = ("fwd_top1", "bwd_top1", "cosine", "mse", "prior_fwd_top1", "prior_cosine")
 
@@ -102,12 +102,8 @@ def bottleneck_report(roots: list[Path], out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     rows = [row for run in find_runs(roots) for row in run_rows(run)]
     summary = summarise(rows)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=["target", "b_size", "subjects", *METRICS])
-    writer.writeheader()
-    writer.writerows(summary)
-    with atomic_path(out / "bottleneck.csv") as tmp:
-        tmp.write_text(text.getvalue())
+    columns = ["target", "b_size", "subjects", *METRICS]
+    write_csv(out / "bottleneck.csv", columns, [[r[c] for c in columns] for r in summary])
     plot(summary, out / "bottleneck.png")
     record = {"rows": rows, "summary": summary, "provenance": provenance(runs=[str(r) for r in roots])}
     write_json_atomic(out / "bottleneck.json", record)

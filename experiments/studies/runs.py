@@ -16,6 +16,15 @@ def run_dir(root: Path, name: str) -> Path:
     return Path(root) / name / "run"
 
 
+def cli_args(configs: list[Path | str], root: Path, name: str | None = None) -> list[str]:
+    """The config stack and the logging of a study run: ``root/<logger name>/run`` (``name`` sets the logger
+    name; default: the config's)."""
+    return [a for c in configs for a in ("--config", str(c))] + [
+        f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+        *([f"--trainer.logger.init_args.name={name}"] if name else []), "--trainer.logger.init_args.version=run",
+        "--trainer.enable_progress_bar=false"]
+
+
 def fit_and_test(configs: list[Path], overrides: list[str], root: Path, name: str) -> dict[str, Any]:
     """Fit the config stack with ``overrides`` into ``root/name/run``, then test its last checkpoint. Returns
     ``{"metrics": test metrics, "parameters": parameters.json (stage 1), "dir": run dir}``; an already tested run
@@ -25,10 +34,7 @@ def fit_and_test(configs: list[Path], overrides: list[str], root: Path, name: st
     directory = run_dir(root, name)
     metrics_file = directory / "test_metrics.json"
     if not metrics_file.is_file():
-        args = [a for c in configs for a in ("--config", str(c))] + [
-            f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
-            f"--trainer.logger.init_args.name={name}", "--trainer.logger.init_args.version=run",
-            "--trainer.enable_progress_bar=false", *overrides]
+        args = [*cli_args(configs, root, name), *overrides]
         last = directory / "checkpoints" / "last.ckpt"
         if last.is_file():
             cli_main(["test", *args, f"--ckpt_path={last}"])

@@ -85,10 +85,15 @@ def check_paths(checkpoint: str | Path | None, configs: list[str] | None) -> Pat
         raise InterpretabilityInputError(f"--ckpt: no checkpoint at {checkpoint}")
     if not configs:
         raise InterpretabilityInputError("--config: give the run config(s) the checkpoint was trained with")
+    check_configs(configs)
+    return Path(checkpoint)
+
+
+def check_configs(configs: list[str]) -> None:
+    """Every config file exists (else an error naming ``--config``)."""
     for c in configs:
         if not Path(c).is_file():
             raise InterpretabilityInputError(f"--config: no file {c}")
-    return Path(checkpoint)
 
 
 def load_stage1_run(checkpoint: str | Path, configs: list[str], overrides: list[str] | None = None,

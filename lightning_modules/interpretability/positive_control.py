@@ -47,12 +47,11 @@ def make_data(root: str | Path, cfg: PlantedFactorsConfig) -> Path:
 def fit(data_dir: Path, logs: Path, overrides: list[str] | None = None) -> PositiveControl:
     """Fit stage 1 on the planted data with the positive-control config (seeded); returns the run."""
     from experiments.run import cli_main
+    from experiments.studies.runs import cli_args
 
     logs = Path(logs)
     common = [f"--data.init_args.data_dir={data_dir}", f"--data.init_args.val_cache_dir={logs / 'val_cache'}"]
-    args = ["fit", *[a for c in CONFIGS for a in ("--config", c)], *common, f"--trainer.default_root_dir={logs}",
-            f"--trainer.logger.init_args.save_dir={logs}", "--trainer.logger.init_args.version=run",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *(overrides or [])]
+    args = ["fit", *cli_args(CONFIGS, logs), *common, "--trainer.enable_model_summary=false", *(overrides or [])]
     checkpoint = logs / "stage1_positive_control" / "run" / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
         cli_main(args)

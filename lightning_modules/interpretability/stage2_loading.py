@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lightning_modules.interpretability.loading import InterpretabilityInputError, check_paths
+from lightning_modules.interpretability.loading import InterpretabilityInputError, check_configs, check_paths
 
 
 @dataclass
@@ -28,9 +28,7 @@ def load_stage2_data(configs: list[str], overrides: list[str] | None = None):
     """The data module of a stage-2 run config (no model is built)."""
     from experiments._config import build, load_config
 
-    for c in configs:
-        if not Path(c).is_file():
-            raise InterpretabilityInputError(f"--config: no file {c}")
+    check_configs(configs)
     config = load_config(list(configs), overrides)
     _check_stage2(str(config.get("model", {}).get("class_path", "")))
     return build(config["data"])
