@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 
 from datamodules.errors import DataFormatError
+from experiments.evaluation.inputs import EvaluationInputError
+from experiments.evaluation.suite import METRICS, WEIGHT_OPTIONS, EvaluationConfig
 from lightning_modules.components.target_embedders import MissingWeightsError
-from lightning_modules.evaluation.inputs import EvaluationInputError
-from lightning_modules.evaluation.suite import METRICS, WEIGHT_OPTIONS, EvaluationConfig
 
 WEIGHT_KEYS = [k for k in WEIGHT_OPTIONS if k != "embeddings"]
 
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lightning_modules.evaluation.report import render, write_report
-    from lightning_modules.evaluation.suite import evaluate
+    from experiments.evaluation.report import render, write_report
+    from experiments.evaluation.suite import evaluate
 
     weights = read_weights_config(args.weights_config) if args.weights_config else {}
     weights.update({k: getattr(args, k) for k in WEIGHT_KEYS if getattr(args, k)})

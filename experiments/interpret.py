@@ -31,7 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from datamodules.errors import DataFormatError
-from lightning_modules.interpretability.report import ReportItem, write_report
+from experiments.interpretability.report import ReportItem, write_report
 
 
 @dataclass(frozen=True)
@@ -60,14 +60,14 @@ def resolved_config(args: argparse.Namespace) -> dict:
 
 @lru_cache(maxsize=4)
 def _stage1(ckpt: str, mtime: float, configs: tuple[str, ...], overrides: tuple[str, ...]):
-    from lightning_modules.interpretability.loading import load_stage1_run
+    from experiments.interpretability.loading import load_stage1_run
 
     return load_stage1_run(ckpt, list(configs), list(overrides), json.loads(_resolved_config(configs, overrides)))
 
 
 def stage1_context(args: argparse.Namespace):
     """(run, subject, test set, ROI info) of the stage-1 options, loaded once per process."""
-    from lightning_modules.interpretability.loading import (
+    from experiments.interpretability.loading import (
         check_paths,
         check_subject,
         load_roi_info,
@@ -88,8 +88,8 @@ def stage1_context(args: argparse.Namespace):
 def attributions(args: argparse.Namespace, out_dir: Path):
     """Integrated gradients of the stage-1 options, reused from ``out_dir/attributions.npz`` when its settings
     match."""
-    from lightning_modules.interpretability.attribution import Attributions, attribute_test_set
-    from lightning_modules.interpretability.outputs import write_json
+    from experiments.interpretability.attribution import Attributions, attribute_test_set
+    from experiments.interpretability.outputs import write_json
 
     run, subject, test, _ = stage1_context(args)
     ckpt = Path(args.ckpt).resolve()
@@ -123,7 +123,7 @@ def add_ig_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_voxel_maps(args: argparse.Namespace, out_dir: Path) -> list[ReportItem]:
-    from lightning_modules.interpretability.voxel_maps import voxel_maps_analysis
+    from experiments.interpretability.voxel_maps import voxel_maps_analysis
 
     run, subject, test, roi = stage1_context(args)
     return voxel_maps_analysis(run.model.moe, run.model.adapters, subject, test, roi, attributions(args, out_dir),
@@ -133,8 +133,8 @@ def run_voxel_maps(args: argparse.Namespace, out_dir: Path) -> list[ReportItem]:
 def run_semantic(args: argparse.Namespace, out_dir: Path) -> list[ReportItem]:
     import numpy as np
 
-    from lightning_modules.interpretability.attribution import contributions
-    from lightning_modules.interpretability.semantic import semantic_analysis
+    from experiments.interpretability.attribution import contributions
+    from experiments.interpretability.semantic import semantic_analysis
 
     run, subject, test, roi = stage1_context(args)
     moe = run.model.moe
@@ -150,14 +150,14 @@ def run_semantic(args: argparse.Namespace, out_dir: Path) -> list[ReportItem]:
 
 
 def run_ica(args: argparse.Namespace, out_dir: Path) -> list[ReportItem]:
-    from lightning_modules.interpretability.ica import ica_analysis
+    from experiments.interpretability.ica import ica_analysis
 
     _, _, test, roi = stage1_context(args)
     return ica_analysis(attributions(args, out_dir).overall, test, roi, out_dir, args.components, args.seed)
 
 
 def run_usage(args: argparse.Namespace, out_dir: Path) -> list[ReportItem]:
-    from lightning_modules.interpretability.usage import usage_analysis
+    from experiments.interpretability.usage import usage_analysis
 
     run, subject, test, _ = stage1_context(args)
     return usage_analysis(run.model.moe, run.model.adapters, subject, test, out_dir)
@@ -178,7 +178,7 @@ def add_positive_control_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_positive_control(args: argparse.Namespace, out_dir: Path) -> list[ReportItem]:
     """Make the planted dataset, fit stage 1 on it, then voxel maps (ROI agreement), semantic and usage."""
-    from lightning_modules.interpretability import positive_control as pc
+    from experiments.interpretability import positive_control as pc
 
     data = pc.make_data(out_dir / "data", pc.planted_config(args.seed, args.voxels, args.test_images))
     control = pc.fit(data, out_dir / "fit", [f"--seed_everything={args.seed}", *args.overrides])
@@ -194,7 +194,7 @@ def run_positive_control(args: argparse.Namespace, out_dir: Path) -> list[Report
 # ---------------------------------------------------------------------------------------------- stage-2 analyses
 def stage2_run(args: argparse.Namespace, need_model: bool = True):
     """The stage-2 run of ``--config`` (+ overrides) and ``--ckpt`` (data module only without ``need_model``)."""
-    from lightning_modules.interpretability.stage2_loading import load_stage2_run
+    from experiments.interpretability.stage2_loading import load_stage2_run
 
     if need_model and not args.ckpt:
         raise DataFormatError("--ckpt: give the stage-2 checkpoint to analyse")
@@ -207,7 +207,7 @@ def add_temporal_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_temporal(args: argparse.Namespace, out_dir: Path) -> list[ReportItem]:
-    from lightning_modules.interpretability.temporal_routing import temporal_routing
+    from experiments.interpretability.temporal_routing import temporal_routing
 
     return temporal_routing(stage2_run(args).model, out_dir, args.bins)
 
@@ -226,7 +226,7 @@ def add_spatial_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_spatial(args: argparse.Namespace, out_dir: Path) -> list[ReportItem]:
-    from lightning_modules.interpretability.spatial_routing import spatial_routing
+    from experiments.interpretability.spatial_routing import spatial_routing
 
     if args.predict_dir is None and not (args.config and args.ckpt):
         raise DataFormatError("--predict-dir: give a stage-2 predict output, or --config and --ckpt to reconstruct")
@@ -286,7 +286,7 @@ def default_out(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from datamodules.provenance import package_versions, provenance
-    from lightning_modules.interpretability.outputs import write_json
+    from experiments.interpretability.outputs import write_json
 
     args, extra = build_parser().parse_known_args(argv)
     unknown = [a for a in extra if not a.startswith("--") or "." not in a.split("=")[0]]

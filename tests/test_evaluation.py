@@ -18,16 +18,16 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from experiments.evaluate import main  # noqa: E402
+from experiments.evaluation import bootstrap as B  # noqa: E402
+from experiments.evaluation import preprocessing as P  # noqa: E402
+from experiments.evaluation import suite  # noqa: E402
+from experiments.evaluation.correlation_distance import correlation_distance  # noqa: E402
+from experiments.evaluation.inputs import load_test_images  # noqa: E402
+from experiments.evaluation.low_level import low_level_metrics, pixcorr, ssim  # noqa: E402
+from experiments.evaluation.networks import NETWORKS, FeatureNetwork  # noqa: E402
+from experiments.evaluation.retrieval import retrieval_mindeye2  # noqa: E402
+from experiments.evaluation.two_way import two_way_identification  # noqa: E402
 from lightning_modules.components.target_embedders import MissingWeightsError  # noqa: E402
-from lightning_modules.evaluation import bootstrap as B  # noqa: E402
-from lightning_modules.evaluation import preprocessing as P  # noqa: E402
-from lightning_modules.evaluation import suite  # noqa: E402
-from lightning_modules.evaluation.correlation_distance import correlation_distance  # noqa: E402
-from lightning_modules.evaluation.inputs import load_test_images  # noqa: E402
-from lightning_modules.evaluation.low_level import low_level_metrics, pixcorr, ssim  # noqa: E402
-from lightning_modules.evaluation.networks import NETWORKS, FeatureNetwork  # noqa: E402
-from lightning_modules.evaluation.retrieval import retrieval_mindeye2  # noqa: E402
-from lightning_modules.evaluation.two_way import two_way_identification  # noqa: E402
 
 SK_SSIM = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0)
 
@@ -226,7 +226,7 @@ def test_a_file_for_the_wrong_network_is_an_error_naming_the_option(tmp_path):
 
 
 def test_lpips_uses_the_shipped_heads_and_the_local_alexnet(tmp_path):
-    from lightning_modules.evaluation.lpips_distance import LPIPSDistance
+    from experiments.evaluation.lpips_distance import LPIPSDistance
 
     path = _save_random("alexnet", tmp_path)
     metric = LPIPSDistance(path)
@@ -244,7 +244,7 @@ def test_dreamsim_is_skipped_without_its_package_or_directory(monkeypatch, tmp_p
     monkeypatch.setattr(suite, "package_missing", lambda: "dreamsim package not installed (pip install ...)")
     config = suite.EvaluationConfig(weights={"dreamsim": str(tmp_path)}, metrics=("dreamsim",))
     assert suite.skip_reasons(config)["dreamsim"].startswith("skipped: dreamsim package not installed")
-    from lightning_modules.evaluation.dreamsim_distance import REQUIRED_FILES, missing_files
+    from experiments.evaluation.dreamsim_distance import REQUIRED_FILES, missing_files
 
     assert missing_files(tmp_path) == list(REQUIRED_FILES)
 

@@ -45,7 +45,7 @@ def positive_control(tmp_path_factory) -> Path:
 
 def test_planted_subject_voxels_carry_their_own_factor_only():
     from datamodules.synthetic import PLANTED_FACTORS, ROI_NAMES, planted_latents, planted_targets, simulate
-    from lightning_modules.interpretability.positive_control import planted_config
+    from experiments.interpretability.positive_control import planted_config
 
     sim = simulate(planted_config(seed=0))
     model, table = sim.subjects["subj01"], sim.trials["subj01"]
@@ -126,7 +126,7 @@ def test_all_writes_every_analysis_and_its_report(tiny_run, small_sim):
 
 
 def test_usage_tables_are_the_routing_statistics_of_the_test_rows(tiny_run):
-    from lightning_modules.interpretability.loading import load_stage1_run, load_test_set
+    from experiments.interpretability.loading import load_stage1_run, load_test_set
 
     run = load_stage1_run(tiny_run["ckpt"], TINY, tiny_run["data"])
     test = load_test_set(run, "subj01", 8)
@@ -206,7 +206,7 @@ def tiny_moe_and_adapter(bottleneck: int | None):
 
 @pytest.mark.parametrize("bottleneck,objective", [(None, "target"), (6, "backbone_sum")])
 def test_integrated_gradients_equal_a_per_expert_loop_through_the_adapter(bottleneck, objective):
-    from lightning_modules.interpretability.attribution import (
+    from experiments.interpretability.attribution import (
         affine_adapter,
         expert_objectives,
         integrated_gradients,
@@ -232,8 +232,8 @@ def test_integrated_gradients_equal_a_per_expert_loop_through_the_adapter(bottle
 
 
 def test_level0_adapter_maps_equal_a_loop_over_rows_experts_and_units():
-    from lightning_modules.interpretability.attribution import affine_adapter
-    from lightning_modules.interpretability.voxel_maps import adapter_expert_maps
+    from experiments.interpretability.attribution import affine_adapter
+    from experiments.interpretability.voxel_maps import adapter_expert_maps
 
     moe, adapters = tiny_moe_and_adapter(6)
     weight, bias = affine_adapter(adapters, "subj01")
@@ -250,8 +250,8 @@ def test_level0_adapter_maps_equal_a_loop_over_rows_experts_and_units():
 
 
 def test_greedy_paths_descend_through_each_experts_own_children():
+    from experiments.interpretability.semantic import greedy_paths
     from lightning_modules.components.moe_encoder import HierarchicalMoE
-    from lightning_modules.interpretability.semantic import greedy_paths
 
     moe = HierarchicalMoE(hidden_dim=32, out_dim=4, num_blocks=1, clip_hidden=4)
     parents = [getattr(moe, f"parent_{lv}").numpy() for lv in range(moe.num_levels)]
@@ -273,7 +273,7 @@ def test_greedy_paths_descend_through_each_experts_own_children():
 def test_permutation_null_equals_scikit_learn_ami_of_the_same_shuffles():
     from sklearn.metrics import adjusted_mutual_info_score
 
-    from lightning_modules.interpretability.agreement import permutation_agreement, shuffles
+    from experiments.interpretability.agreement import permutation_agreement, shuffles
 
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 5, 200)
@@ -288,7 +288,7 @@ def test_permutation_null_equals_scikit_learn_ami_of_the_same_shuffles():
 def test_ica_finds_a_planted_category_component_with_welch_t_and_bh():
     from scipy import stats
 
-    from lightning_modules.interpretability.ica import loading_statistics, spatial_ica
+    from experiments.interpretability.ica import loading_statistics, spatial_ica
 
     rng = np.random.default_rng(0)
     sources = rng.laplace(size=(3, 400)) ** 3  # sparse spatial maps
@@ -310,8 +310,8 @@ def test_ica_finds_a_planted_category_component_with_welch_t_and_bh():
 
 
 def test_report_escapes_text_truncates_tables_and_flags_missing_files(tmp_path):
-    from lightning_modules.interpretability.outputs import write_csv
-    from lightning_modules.interpretability.report import MAX_COLS, MAX_ROWS, ReportItem, write_report
+    from experiments.interpretability.outputs import write_csv
+    from experiments.interpretability.report import MAX_COLS, MAX_ROWS, ReportItem, write_report
 
     write_csv(tmp_path / "t.csv", [f"c{i}" for i in range(30)], [[r] * 30 for r in range(100)])
     path = write_report(tmp_path, "a <title>", [ReportItem("x", "one <b>\n\ntwo", ["nothing.png"], ["t.csv"])],

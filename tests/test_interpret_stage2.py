@@ -55,7 +55,7 @@ def config_args(configs: list[str]) -> list[str]:
 
 def test_temporal_routing_is_the_router_alone_with_the_kl_target_beside(stage2_run, tiny_models, tmp_path):
     from callbacks.routing_statistics import curve_image
-    from lightning_modules.interpretability.temporal_routing import temporal_figure
+    from experiments.interpretability.temporal_routing import temporal_figure
 
     configs, ckpt, _ = stage2_run
     out = tmp_path / "temporal"

@@ -17,8 +17,8 @@ import yaml
 
 from datamodules.atomic import atomic_path, write_json_atomic
 from datamodules.provenance import provenance
+from experiments.interpretability.outputs import write_csv
 from experiments.studies.runs import test_of_saved_run
-from lightning_modules.interpretability.outputs import write_csv
 
 METRICS = ("fwd_top1", "bwd_top1", "cosine", "mse", "prior_fwd_top1", "prior_cosine")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_modules.evaluation.networks import load_state_dict_file
+from experiments.evaluation.networks import load_state_dict_file
 
 
 def _backbone_state(alexnet_state: dict[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from experiments.evaluation import preprocessing as P
 from lightning_modules.components.target_embedders import MissingWeightsError
-from lightning_modules.evaluation import preprocessing as P
 
 
 def load_state_dict_file(path: str | Path, option: str) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_modules.evaluation.preprocessing import PIXCORR, SSIM, rgb2gray
+from experiments.evaluation.preprocessing import PIXCORR, SSIM, rgb2gray
 
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_modules.interpretability.attribution import affine_adapter
-from lightning_modules.interpretability.figures import heatmap
-from lightning_modules.interpretability.loading import TestSet
-from lightning_modules.interpretability.outputs import write_csv, write_png
-from lightning_modules.interpretability.report import ReportItem
+from experiments.interpretability.attribution import affine_adapter
+from experiments.interpretability.figures import heatmap
+from experiments.interpretability.loading import TestSet
+from experiments.interpretability.outputs import write_csv, write_png
+from experiments.interpretability.report import ReportItem
 from lightning_modules.routing_statistics import LevelRoutingMetric
 
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_modules.interpretability.loading import TestSet
-from lightning_modules.interpretability.outputs import write_npz
+from experiments.interpretability.loading import TestSet
+from experiments.interpretability.outputs import write_npz
 
 Objective = Literal["target", "backbone_sum"]
 

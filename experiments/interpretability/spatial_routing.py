@@ -19,9 +19,9 @@ from PIL import Image, ImageDraw
 
 from datamodules.shard_format import subject_name
 from datamodules.streams import EvalStream
-from lightning_modules.interpretability.loading import InterpretabilityInputError
-from lightning_modules.interpretability.outputs import write_csv, write_npz, write_png
-from lightning_modules.interpretability.report import ReportItem
+from experiments.interpretability.loading import InterpretabilityInputError
+from experiments.interpretability.outputs import write_csv, write_npz, write_png
+from experiments.interpretability.report import ReportItem
 
 # inferno-like ramp (0 -> dark, 1 -> light yellow) and a categorical palette (tab20) for winning experts
 RAMP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32) / 255

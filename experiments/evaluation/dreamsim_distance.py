@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from experiments.evaluation.preprocessing import DREAMSIM
 from lightning_modules.components.target_embedders import MissingWeightsError
-from lightning_modules.evaluation.preprocessing import DREAMSIM
 
 PACKAGE_HINT = "pip install -e '.[dreamsim]'; it installs beside the pinned stack without changing it"
 REQUIRED_FILES = (

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lightning_modules.interpretability.loading import InterpretabilityInputError, check_configs, check_paths
+from experiments.interpretability.loading import InterpretabilityInputError, check_configs, check_paths
 
 
 @dataclass

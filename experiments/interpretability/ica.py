@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from lightning_modules.interpretability.figures import heatmap, map_grid
-from lightning_modules.interpretability.loading import RoiInfo, TestSet
-from lightning_modules.interpretability.outputs import write_csv, write_nifti, write_npy, write_png
-from lightning_modules.interpretability.report import ReportItem
-from lightning_modules.interpretability.semantic import category_matrix
-from lightning_modules.interpretability.voxel_maps import projections, to_volume
+from experiments.interpretability.figures import heatmap, map_grid
+from experiments.interpretability.loading import RoiInfo, TestSet
+from experiments.interpretability.outputs import write_csv, write_nifti, write_npy, write_png
+from experiments.interpretability.report import ReportItem
+from experiments.interpretability.semantic import category_matrix
+from experiments.interpretability.voxel_maps import projections, to_volume
 
 
 def spatial_ica(maps: np.ndarray, components: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

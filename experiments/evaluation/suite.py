@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from datamodules.shard_format import subject_name
-from lightning_modules.evaluation import bootstrap as B
-from lightning_modules.evaluation.correlation_distance import CorrelationDistance
-from lightning_modules.evaluation.dreamsim_distance import (
+from experiments.evaluation import bootstrap as B
+from experiments.evaluation.correlation_distance import CorrelationDistance
+from experiments.evaluation.dreamsim_distance import (
     DreamSimDistance,
     dreamsim_distance,
     package_missing,
 )
-from lightning_modules.evaluation.inputs import (
+from experiments.evaluation.inputs import (
     EvaluationInputError,
     ImageSet,
     find_reconstructions,
@@ -32,12 +32,12 @@ from lightning_modules.evaluation.inputs import (
     load_test_images,
     test_ids,
 )
-from lightning_modules.evaluation.low_level import low_level_metrics
-from lightning_modules.evaluation.lpips_distance import LPIPSDistance
-from lightning_modules.evaluation.networks import NETWORKS, FeatureNetwork
-from lightning_modules.evaluation.preprocessing import to_eval_size
-from lightning_modules.evaluation.retrieval import retrieval_mindeye2
-from lightning_modules.evaluation.two_way import TwoWayIdentification
+from experiments.evaluation.low_level import low_level_metrics
+from experiments.evaluation.lpips_distance import LPIPSDistance
+from experiments.evaluation.networks import NETWORKS, FeatureNetwork
+from experiments.evaluation.preprocessing import to_eval_size
+from experiments.evaluation.retrieval import retrieval_mindeye2
+from experiments.evaluation.two_way import TwoWayIdentification
 
 __all__ = ["METRICS", "EvaluationConfig", "EvaluationInputError", "Evaluator", "MetricInfo", "SubjectResult",
            "WEIGHT_OPTIONS", "evaluate", "mean_over_subjects", "skip_reasons"]

@@ -6,6 +6,6 @@ permutation null), ``semantic``, ``ica``, ``usage``, ``positive_control``, ``rep
 ``figures`` (PIL drawings) and ``outputs`` (atomic writers). The analysis modules import no Lightning.
 """
 
-from lightning_modules.interpretability.report import ReportItem, write_report
+from experiments.interpretability.report import ReportItem, write_report
 
 __all__ = ["ReportItem", "write_report"]

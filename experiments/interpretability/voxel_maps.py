@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_modules.interpretability.agreement import roi_agreement
-from lightning_modules.interpretability.attribution import Attributions, affine_adapter
-from lightning_modules.interpretability.figures import map_grid
-from lightning_modules.interpretability.loading import RoiInfo, TestSet
-from lightning_modules.interpretability.outputs import write_csv, write_nifti, write_npy, write_png
-from lightning_modules.interpretability.report import ReportItem
+from experiments.interpretability.agreement import roi_agreement
+from experiments.interpretability.attribution import Attributions, affine_adapter
+from experiments.interpretability.figures import map_grid
+from experiments.interpretability.loading import RoiInfo, TestSet
+from experiments.interpretability.outputs import write_csv, write_nifti, write_npy, write_png
+from experiments.interpretability.report import ReportItem
 
 
 @torch.no_grad()

@@ -25,10 +25,10 @@ from typing import Literal
 
 import numpy as np
 
-from lightning_modules.interpretability.figures import heatmap
-from lightning_modules.interpretability.loading import RoiInfo, TestSet
-from lightning_modules.interpretability.outputs import write_csv, write_json, write_npy, write_png
-from lightning_modules.interpretability.report import ReportItem
+from experiments.interpretability.figures import heatmap
+from experiments.interpretability.loading import RoiInfo, TestSet
+from experiments.interpretability.outputs import write_csv, write_json, write_npy, write_png
+from experiments.interpretability.report import ReportItem
 
 Score = Literal["attribution", "contribution"]
 

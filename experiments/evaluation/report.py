@@ -18,7 +18,7 @@ import numpy as np
 
 from datamodules.atomic import atomic_path, write_json_atomic
 from datamodules.provenance import provenance
-from lightning_modules.evaluation.suite import METRIC_BY_KEY, EvaluationConfig, SubjectResult
+from experiments.evaluation.suite import METRIC_BY_KEY, EvaluationConfig, SubjectResult
 
 # Published numbers (reference-nsd-eval.md 4.8). Test sets and averaging differ between rows; "tags" says where
 # each number comes from ([2nd]: a third-party table quoting the paper, [recall]: unverified, [code]: a stored

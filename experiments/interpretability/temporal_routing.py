@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from experiments.interpretability.loading import InterpretabilityInputError
+from experiments.interpretability.outputs import write_csv, write_npz, write_png
+from experiments.interpretability.report import ReportItem
 from lightning_modules.components.level_prior import gaussian_level_target, level_kl
-from lightning_modules.interpretability.loading import InterpretabilityInputError
-from lightning_modules.interpretability.outputs import write_csv, write_npz, write_png
-from lightning_modules.interpretability.report import ReportItem
 from lightning_modules.routing_statistics import temporal_curve
 
 

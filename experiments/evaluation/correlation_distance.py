@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lightning_modules.evaluation.low_level import pearson_rows
+from experiments.evaluation.low_level import pearson_rows
 
 
 def correlation_distance(gt_features: torch.Tensor, rec_features: torch.Tensor) -> torch.Tensor:
