@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from lightning_modules.routing_statistics import (
+from lightning_modules.metrics import (
     LevelRoutingMetric,
     SpatialEntropyMetric,
     jaccard,

@@ -18,7 +18,7 @@ from experiments.interpretability.loading import InterpretabilityInputError
 from experiments.interpretability.outputs import write_csv, write_npz, write_png
 from experiments.interpretability.report import ReportItem
 from lightning_modules.components.level_prior import gaussian_level_target, level_kl
-from lightning_modules.routing_statistics import temporal_curve
+from lightning_modules.metrics import temporal_curve
 
 
 def kl_target(module, timesteps: torch.Tensor, num_levels: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Expert usage and routing entropy on the test set: the quantities the ``RoutingStatistics`` callback logs during
-training (``lightning_modules.routing_statistics.LevelRoutingMetric``: entropy of the softmax over a parent's
+training (``lightning_modules.metrics.LevelRoutingMetric``: entropy of the softmax over a parent's
 children, each expert's gate-mass share and its balance, unit coverage), over every valid repeat of every test
 image, in eval mode."""
 
@@ -17,7 +17,7 @@ from experiments.interpretability.figures import heatmap
 from experiments.interpretability.loading import TestSet
 from experiments.interpretability.outputs import write_csv, write_png
 from experiments.interpretability.report import ReportItem
-from lightning_modules.routing_statistics import LevelRoutingMetric
+from lightning_modules.metrics import LevelRoutingMetric
 
 
 @torch.no_grad()
