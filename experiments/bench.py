@@ -20,10 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-from datamodules import benchmark as data_benchmark
 from datamodules.atomic import write_json_atomic
 from datamodules.provenance import provenance
-from lightning_modules import benchmark_stage1, benchmark_stage2
+from experiments.benchmarks import data_loader, stage1_encoder, stage2_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,18 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = {}
     if "data" in args.only:
-        results["data_loader"] = data_benchmark.run(Path(args.work), num_samples=args.samples)
+        results["data_loader"] = data_loader.run(Path(args.work), num_samples=args.samples)
     if "stage1" in args.only:
-        results["stage1_encoder"] = {**benchmark_stage1.run(), "provenance": provenance()}
+        results["stage1_encoder"] = {**stage1_encoder.run(), "provenance": provenance()}
     if "stage2" in args.only:
-        results["stage2_step"] = {**benchmark_stage2.run(), "provenance": provenance()}
+        results["stage2_step"] = {**stage2_step.run(), "provenance": provenance()}
     if "callbacks" in args.only:
-        from callbacks import benchmark as callback_benchmark
+        from experiments.benchmarks import callback_overhead
 
-        results["callback_overhead"] = {**callback_benchmark.run(Path(args.work) / "callbacks"),
+        results["callback_overhead"] = {**callback_overhead.run(Path(args.work) / "callbacks"),
                                         "provenance": provenance()}
     if "slurm" in args.only:
-        from experiments.slurm.benchmark import slurm_round_trip
+        from experiments.benchmarks.slurm_round_trip import slurm_round_trip
 
         results["slurm_round_trip"] = {**slurm_round_trip(Path(args.work)), "provenance": provenance()}
     for name, result in results.items():

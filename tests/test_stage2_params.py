@@ -67,9 +67,9 @@ def test_params_command_on_the_paper_config_and_an_ablation(capsys):
 
 
 def test_stage2_benchmark_smoke(tiny_models):
-    from lightning_modules import benchmark_stage2
+    from experiments.benchmarks import stage2_step
 
-    result = benchmark_stage2.run(repeats=2, warmup=1, threads=1, models_dir=tiny_models)
+    result = stage2_step.run(repeats=2, warmup=1, threads=1, models_dir=tiny_models)
     for key in ("ours_ms", "baseline_ms", "overhead_ratio", "prior_passes_per_image", "config"):
         assert key in result
     assert result["ours_ms"] > 0 and result["baseline_ms"] > 0 and result["overhead_ratio"] > 0

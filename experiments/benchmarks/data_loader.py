@@ -71,10 +71,10 @@ def vm_hwm_mb() -> float:
 
 def peak_rss_mb(root: Path, sessions: int, num_samples: int) -> float:
     """Peak resident memory (MB) of a fresh process that runs the loader over ``sessions`` sessions."""
-    code = (f"from pathlib import Path; from datamodules.benchmark import datamodule_loop, vm_hwm_mb; "
+    code = (f"from pathlib import Path; from experiments.benchmarks.data_loader import datamodule_loop, vm_hwm_mb; "
             f"datamodule_loop(Path({str(root)!r}), {num_samples}, sessions={sessions}); print(vm_hwm_mb())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent)
+                         cwd=Path(__file__).resolve().parents[2])
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -37,7 +37,7 @@ from lightning_modules.components.diffusion_loss import min_snr_weights, weighte
 from lightning_modules.components.injection import ImageTokenProjection, install_processors
 from lightning_modules.components.routed_branch import BranchSpec, RoutedBranch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAPER_CONFIG = ROOT / "configs" / "stage2" / "sdxl_nsd.yaml"
 STAGE1_CONFIG = ROOT / "configs" / "stage1" / "image_nsd.yaml"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]

@@ -1,0 +1,2 @@
+"""Every benchmark ``make bench`` runs (``python -m experiments.bench``), one module per JSON result in
+``bench_results/``: ``data_loader``, ``stage1_encoder``, ``stage2_step``, ``callback_overhead``, ``slurm_round_trip``."""
