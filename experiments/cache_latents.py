@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    from lightning_modules.latent_caching import cache_latents
+    from experiments.caching.latents import cache_latents
 
     path = cache_latents(args.data, args.subjects, args.out, args.sdxl_dir, args.resolution, args.batch_size,
                          args.device)

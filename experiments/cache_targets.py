@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from experiments._cli import run_main
-from lightning_modules.target_caching import cache_targets
+from experiments.caching.targets import cache_targets
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         prepare_nsd.main(["--mindeye2-root", args.mindeye2_layout, "--out", args.imported,
                           "--subjects", "1", "2", "3", "--quiet"])
 
-    from lightning_modules.target_caching import cache_targets
-    from lightning_modules.tiny_models import make_tiny_clip, make_tiny_sdxl
+    from experiments.caching.targets import cache_targets
+    from experiments.world.tiny_models import make_tiny_clip, make_tiny_sdxl
 
     if not Path(args.tiny_models, "unet", "config.json").exists():
         step("write tiny random CLIP and SDXL-shaped models (local directories, loaded with from_pretrained)")
@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         step("cache the stage-1 image targets")
         cache_targets(data, [1, 2, 3], data / "targets", image_model=str(Path(args.tiny_models, "image_encoder")))
 
+    from experiments.evaluation.comparison_grid import comparison_grid
     from experiments.ridge_baseline import main as ridge_main
     from experiments.run import cli_main
-    from lightning_modules.reconstruction_grid import comparison_grid
 
     runs = Path(args.runs)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lightning_modules.tiny_models import make_tiny_clip, make_tiny_sdxl
+from experiments.world.tiny_models import make_tiny_clip, make_tiny_sdxl
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,8 @@ from datamodules.mindeye2_import import NSD_VOXELS
 from datamodules.shard_format import load_subject_meta, subject_name
 from experiments._cli import run_main
 from experiments._config import build, load_config
-from lightning_modules.parameter_report import format_table, parameter_table
-from lightning_modules.stage2_parameters import SDXL_BASE_UNET, format_report, stage2_parameter_report
+from experiments.parameters.stage2 import SDXL_BASE_UNET, format_report, stage2_parameter_report
+from experiments.parameters.table import format_table, parameter_table
 
 
 def voxel_counts(data_args: dict) -> dict[str, int]:

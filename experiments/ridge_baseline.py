@@ -15,7 +15,7 @@ from datamodules.atomic import write_json_atomic
 from datamodules.provenance import provenance
 from experiments._cli import run_main
 from experiments._config import build, load_config
-from lightning_modules.ridge_baseline import ridge_baseline
+from experiments.baselines.ridge import ridge_baseline
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,7 +54,7 @@ def tiny_mindeye2(root: Path, seed: int = 0) -> Path:
 def tiny_models(tmp_path_factory) -> Path:
     """Tiny random CLIP image/text models and a tiny SDXL-shaped pipeline in one local directory (32-wide
     targets, 64-wide cross-attention)."""
-    from lightning_modules.tiny_models import make_tiny_clip, make_tiny_sdxl
+    from experiments.world.tiny_models import make_tiny_clip, make_tiny_sdxl
 
     return make_tiny_sdxl(make_tiny_clip(tmp_path_factory.mktemp("tiny_models"), embed_dim=32, image_size=32))
 
@@ -62,7 +62,7 @@ def tiny_models(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def targets(small_data, tiny_models) -> Path:
     """Image and text target caches of the small synthetic dataset under ``small_data/targets``."""
-    from lightning_modules.target_caching import cache_targets
+    from experiments.caching.targets import cache_targets
 
     cache_targets(small_data, [1, 2, 3], small_data / "targets", image_model=str(tiny_models / "image_encoder"),
                   text_model=str(tiny_models))

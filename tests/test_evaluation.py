@@ -173,7 +173,7 @@ def _save_random(name: str, directory: Path) -> Path:
     import torchvision.models as tv
 
     torch.manual_seed(0)
-    if name == "clip":  # a tiny CLIPVisionModelWithProjection at CLIP's 224 px (cf. lightning_modules/tiny_models.py)
+    if name == "clip":  # a tiny CLIPVisionModelWithProjection at CLIP's 224 px (cf. experiments/world/tiny_models.py)
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
         model = CLIPVisionModelWithProjection(CLIPVisionConfig(
@@ -251,7 +251,7 @@ def test_dreamsim_is_skipped_without_its_package_or_directory(monkeypatch, tmp_p
 
 # ---------------------------------------------------------------- inputs and the command
 def test_test_images_are_the_data_layers_test_images(small_data):
-    from lightning_modules.target_caching import unique_images
+    from experiments.caching.targets import unique_images
 
     ids, images = load_test_images(small_data, 1)
     assert len(ids) == 20 and list(ids) == sorted(ids)

@@ -172,7 +172,7 @@ def test_missing_or_unsuitable_inputs_name_the_option(tiny_models, stage1_checkp
 
 def test_cached_latents_match_the_vae_path(fitted, small_data, tiny_models, tmp_path):
     from datamodules.target_cache import TargetCache
-    from lightning_modules.latent_caching import cache_latents
+    from experiments.caching.latents import cache_latents
 
     model, *_ = fitted
     cache = cache_latents(small_data, [1], tmp_path / "vae_latents", tiny_models, resolution=32)

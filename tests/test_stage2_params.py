@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from experiments.parameters.stage2 import SDXL_BASE_UNET, stage2_parameter_report
 from lightning_modules.components.routed_branch import BranchSpec
-from lightning_modules.stage2_parameters import SDXL_BASE_UNET, stage2_parameter_report
 
 QKVO = ["to_q", "to_k", "to_v", "to_out.0"]
 

@@ -20,7 +20,7 @@ STUDY = SyntheticNSDConfig(seed=5, voxels=(240, 240, 240), num_sessions=4, trial
 
 @pytest.fixture(scope="module")
 def study_data(tmp_path_factory, tiny_models) -> Path:
-    from lightning_modules.target_caching import cache_targets
+    from experiments.caching.targets import cache_targets
 
     root = tmp_path_factory.mktemp("study_data")
     generate(STUDY, root, simulate(STUDY))

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from datamodules.target_cache import TargetCache
+from experiments.caching.targets import cache_targets
+from experiments.world.tiny_models import make_tiny_clip
 from lightning_modules.components.target_embedders import (
     ClipImageEmbedder,
     ClipTextEmbedder,
     MissingWeightsError,
 )
-from lightning_modules.target_caching import cache_targets
-from lightning_modules.tiny_models import make_tiny_clip
 
 
 @pytest.fixture(scope="module")

@@ -72,8 +72,8 @@ def _fit(args: list[str], measured: bool) -> tuple[float, dict[str, float]]:
 def run(work: str | Path = "data/bench/callbacks", epochs: dict[str, int] | None = None) -> dict[str, Any]:
     """Each tiny config keeps its own validation schedule (stage 1: every 5 epochs; stage 2: every epoch)."""
     epochs = {"stage1": 10, "stage2": 3, **(epochs or {})}
-    from lightning_modules.target_caching import cache_targets
-    from lightning_modules.tiny_models import make_tiny_clip, make_tiny_sdxl
+    from experiments.caching.targets import cache_targets
+    from experiments.world.tiny_models import make_tiny_clip, make_tiny_sdxl
 
     work = Path(work)
     data, models = work / "data", work / "tiny_models"

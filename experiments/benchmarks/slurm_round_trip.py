@@ -31,8 +31,8 @@ DATA_CONFIG = SyntheticNSDConfig(seed=3, voxels=(300, 240, 360), num_sessions=3,
 
 def make_tiny_data(root: Path) -> Path:
     """The small synthetic dataset with tiny-model text and image targets under ``root/data`` (generated once)."""
-    from lightning_modules.target_caching import cache_targets
-    from lightning_modules.tiny_models import make_tiny_clip, make_tiny_sdxl
+    from experiments.caching.targets import cache_targets
+    from experiments.world.tiny_models import make_tiny_clip, make_tiny_sdxl
 
     data, models = root / "data", root / "tiny_models"
     if not (data / "targets" / "clip_text").exists():

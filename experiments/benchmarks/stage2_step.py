@@ -219,7 +219,7 @@ def run(batch: int = 8, latent: int = 16, repeats: int = 30, warmup: int = 3, th
         num_experts: tuple[int, ...] = (2, 4, 8, 16), models_dir: str | Path | None = None) -> dict:
     """Time both training steps; ``models_dir``: an existing ``make_tiny_sdxl`` directory (else one is written to
     a temporary directory)."""
-    from lightning_modules.tiny_models import make_tiny_clip, make_tiny_sdxl
+    from experiments.world.tiny_models import make_tiny_clip, make_tiny_sdxl
 
     num_experts, previous_threads = list(num_experts), torch.get_num_threads()
     load_before = round(os.getloadavg()[0], 2)

@@ -3,7 +3,7 @@ embeddings, all in ascending ``nsd_id`` order.
 
 - Ground truth: the images of the subject's test shards (``meta.json`` ``test``), decoded once and kept as
   uint8 at their stored size (the data layer stores at most 224 px), ascending ``nsd_id``. Only the test shards
-  are read (``lightning_modules.target_caching.unique_images`` would decode every training image too).
+  are read (``experiments.caching.targets.unique_images`` would decode every training image too).
 - Reconstructions: one image per test ``nsd_id`` named ``<nsd_id>.png`` (``%05d`` or any zero padding; ``.jpg``
   also accepted), looked up in ``DIR/<subject>/images`` (stage-2 ``predict`` output), ``DIR/<subject>``, and,
   when one subject is evaluated, ``DIR/images`` and ``DIR``. A missing id is an error; files whose name is not an

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from datamodules.shard_format import subject_name
 from datamodules.target_cache import write_target_cache
+from experiments.caching.targets import _batches, unique_images
 from lightning_modules.sdxl_loading import check_sdxl_dir
-from lightning_modules.target_caching import _batches, unique_images
 
 
 @torch.no_grad()

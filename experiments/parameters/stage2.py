@@ -128,7 +128,7 @@ def stage2_parameter_report(unet_config: dict, image_branch: BranchSpec | None, 
 
 def format_report(rows: list[dict]) -> str:
     """``format_table`` plus the trainable total and share."""
-    from lightning_modules.parameter_report import format_table
+    from experiments.parameters.table import format_table
 
     total = rows[-1]
     return (f"{format_table(rows)}\ntrainable {total['trainable']:,d} of {total['params']:,d} "

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from datamodules.atomic import atomic_path
-from lightning_modules.target_caching import unique_images
+from experiments.caching.targets import unique_images
 
 
 def comparison_grid(data_dir: str | Path, subject: str, reconstructions: str | Path, out: str | Path,
