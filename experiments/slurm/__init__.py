@@ -6,7 +6,8 @@
 - ``fit_array.sbatch``: the batch script (``--signal=SIGUSR1@90``, ``--requeue``, one srun task per device).
 - ``jobs``: ``scontrol`` queries and waiting for jobs.
 - ``local_cluster``: a throwaway single-node Slurm (munged, slurmctld, slurmd) for tests and the benchmark.
-- ``benchmark``: wall time of a local array round trip (``python -m experiments.bench --only slurm``).
+- the Slurm benchmark (a local array round trip, ``python -m experiments.bench --only slurm``) is
+  ``experiments.benchmarks.slurm_round_trip``.
 """
 
 from experiments.slurm.sweeps import Resources, Submission, Sweep, Task  # noqa: F401
