@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable
+from lightning.pytorch.core.mixins import hparams_mixin
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
@@ -89,7 +90,13 @@ class BrainEncoderModule(L.LightningModule):
                  token_head: TokenHead | None = None, token_target: str | None = None, token_scale: float = 1.0,
                  trainable: list[Part] | None = None):
         super().__init__()
-        self.save_hyperparameters()  # under LightningCLI this records moe/prior as class_path + init_args
+        # Under LightningCLI the hyperparameters are its config (moe, prior, token_head as class_path + init_args:
+        # what `run test --ckpt_path` and load_from_checkpoint rebuild from); built directly (load_from_checkpoint
+        # itself, tests) those arguments are module objects that the state dict holds already: not recorded.
+        injected = {"moe": moe, "prior": prior, "token_head": token_head}
+        cli = hparams_mixin._given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=[] if cli else
+                                  [k for k, v in injected.items() if isinstance(v, nn.Module)])
         if not num_voxels:
             raise ValueError("model.num_voxels is empty: give {subject: voxel count} (the CLI links it from data)")
         self.num_voxels = {subject_name(k): int(v) for k, v in num_voxels.items()}

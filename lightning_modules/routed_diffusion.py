@@ -112,6 +112,7 @@ class RoutedDiffusionModule(L.LightningModule):
         self.unet, self.vae = parts.unet, parts.vae
         self.unet.requires_grad_(False)
         self.vae.requires_grad_(False)
+        self.unet.train()  # diffusers loads it in eval mode; it trains (LoRA): only the frozen parts stay eval
         self.scheduler_config = dict(parts.scheduler_config)
         from diffusers import DDPMScheduler
 
@@ -251,6 +252,7 @@ class RoutedDiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ conditioning
     def train(self, mode: bool = True):
+        """The frozen parts stay in eval mode: the VAE here, the stage-1 encoders in ``FrozenStage1.train``."""
         super().train(mode)
         self.vae.eval()
         return self
