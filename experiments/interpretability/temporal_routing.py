@@ -1,6 +1,6 @@
 """Temporal routing of a trained stage-2 model: each branch's router level weights at every timestep.
 
-The curves are the routers' own outputs (``routing_statistics.temporal_curve``: the UNet's timestep sinusoid ->
+The curves are the routers' own outputs (``lightning_modules.metrics.temporal_curve``: the UNet's timestep sinusoid ->
 ``TemporalRouter``), nothing multiplied in. The authors' plot (``nbs/viz_routers.py``, ``multiply_prior=True``)
 multiplied a hand-made Gaussian into the router weights, so its coarse-to-fine pattern came from the Gaussian; here
 the KL target (``level_prior.gaussian_level_target`` with the module's KL settings) is computed separately and drawn
