@@ -21,7 +21,6 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from callbacks.atomic_checkpoint_io import refuse_if_damaged  # noqa: E402
-from experiments._cli import quiet_lightning  # noqa: E402
 
 
 def num_voxels_of(datamodule) -> dict[str, int]:
@@ -62,6 +61,8 @@ class MoreBrainCLI(LightningCLI):
 def cli_main(args: list[str] | None = None, run: bool = True, instantiate: bool = True) -> MoreBrainCLI:
     """Build (and by default run) the CLI; tests and other commands call it with ``args`` (the calling process's
     own command line is then not the CLI's)."""
+    from experiments._clean_log import quiet_lightning
+
     quiet_lightning()
     argv = sys.argv[:1] if args is not None else sys.argv
     with mock.patch.object(sys, "argv", argv):

@@ -2,7 +2,7 @@
 
 The filters are what a user's ``python -m experiments.run`` has: Python's defaults (deprecations outside
 ``__main__``, import and resource warnings hidden), Lightning's (its own deprecations shown), and the exact-message
-filters of ``experiments._cli.quiet_lightning``. Everything shown is recorded: Python warnings, which include
+filters of ``experiments._clean_log.quiet_lightning``. Everything shown is recorded: Python warnings, which include
 Lightning's rank-zero warnings, and log records at WARNING or above; Lightning's litlogger tip (INFO) must not be
 printed either.
 """
