@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                               ridge={"image": str(ridge_dir / "clip_image"), "text": str(ridge_dir / "clip_text")})
     without_version = [a for a in stage2 if not a.startswith("--trainer.logger.init_args.version=")]
     recon = rows.predict_rows(without_version, stage2_dir / "checkpoints" / "last.ckpt", runs, "stage2_world",
-                              args.version, sources)
+                              args.version, rows.standard_rows(sources))
     step("evaluate every row (PixCorr, SSIM; CLIP two-way and N-way identification with the world's CLIP)")
     subjects = [f"subj{s:02d}" for s in SUBJECTS]
     results = rows.evaluate_rows(data, recon, subjects, str(world / "image_encoder"))

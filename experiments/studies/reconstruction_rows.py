@@ -38,36 +38,31 @@ class RowSources:
     ridge: dict[str, str]
 
 
-def row_overrides(row: str, sources: RowSources) -> list[str]:
-    """CLI overrides of the stage-2 config that make ``row``."""
-    def tables(paths: dict[str, str]) -> str:
-        return "--model.init_args.condition_tables={" + ", ".join(f"{b}: {p}" for b, p in paths.items()) + "}"
+def tables_override(paths: dict[str, str]) -> str:
+    """The CLI override that conditions the branches on fixed embeddings (``model.condition_tables``)."""
+    return "--model.init_args.condition_tables={" + ", ".join(f"{b}: {p}" for b, p in paths.items()) + "}"
 
-    if row == "ceiling":
-        return [tables(sources.targets)]
-    if row == "ridge":
-        return [tables(sources.ridge)]
-    if row == "shuffled":
-        return ["--model.init_args.shuffle_conditions=true"]
-    if row == "brain":
-        return []
-    raise ValueError(f"unknown row {row!r}; choose from {ROWS}")
+
+def standard_rows(sources: RowSources) -> dict[str, list[str]]:
+    """{row: CLI overrides of the stage-2 config} for ``ROWS``."""
+    return {"ceiling": [tables_override(sources.targets)], "brain": [], "ridge": [tables_override(sources.ridge)],
+            "shuffled": ["--model.init_args.shuffle_conditions=true"]}
 
 
 def predict_rows(stage2_args: list[str], checkpoint: Path, runs: Path, name: str, version: str,
-                 sources: RowSources, rows: tuple[str, ...] = ROWS) -> dict[str, Path]:
-    """``predict`` of the stage-2 ``checkpoint`` for every row -> {row: reconstructions directory}. The
-    ``stage2_args`` are the fit's config stack and options without logger version."""
+                 rows: dict[str, list[str]]) -> dict[str, Path]:
+    """``predict`` of the stage-2 ``checkpoint`` once per row (its CLI overrides) -> {row: reconstructions
+    directory}. ``stage2_args`` are the fit's config stack and options, logging to ``runs/name`` (no version)."""
     import shutil
 
     from experiments.run import cli_main
 
     out = {}
-    for row in rows:
+    for row, overrides in rows.items():
         directory = runs / name / f"{version}_{row}"
         shutil.rmtree(directory, ignore_errors=True)
-        cli_main(["predict", *stage2_args, f"--trainer.logger.init_args.version={version}_{row}",
-                  *row_overrides(row, sources), f"--ckpt_path={checkpoint}"])
+        cli_main(["predict", *stage2_args, f"--trainer.logger.init_args.version={version}_{row}", *overrides,
+                  f"--ckpt_path={checkpoint}"])
         out[row] = directory / "reconstructions"
     return out
 
