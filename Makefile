@@ -58,6 +58,7 @@ help: ## List the targets (Slurm variables: see the top of the Makefile)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'  # no bytecode pass over 6 GB: 2 min, not 4-5
+	$(BIN)/python -m experiments.precompile  # bytecode of what the project imports, so no process start recompiles it
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv with the pinned dependencies (re-runs only when pyproject.toml changes)

@@ -1,24 +1,30 @@
-"""The demo (``make demo``): both stages end to end on the embedded synthetic dataset, in one process.
+"""The demo (``make demo``): brains decoded into images on the embedded synthetic dataset and the learned world.
 
 Steps, each skipped when its output exists: generate the synthetic dataset (our format and the MindEyeV2 layout),
-import the MindEyeV2 layout with the real importer, write tiny random CLIP and SDXL-shaped models, cache the text
-and image targets. Then stage 1: fit the text-target encoder (configs/stage1/tiny_synthetic.yaml), test it and print
-the result beside a ridge baseline; fit the image-target encoder (+ tiny_synthetic_image.yaml). Then stage 2: fit
-the routed diffusion model on subject 1 (configs/stage2/tiny_synthetic.yaml), reconstruct the test images with
-``predict`` and write a ground truth | reconstruction grid PNG. Each step is also a command of its own (README).
+import the MindEyeV2 layout with the real importer, check the learned world (``experiments/world/default``: CLIP,
+VAE, SDXL-shaped UNet and IP-Adapter trained on synthetic scenes; ``make world`` rebuilds it) and cache the
+stage-1 targets with its CLIP. Then stage 1: the text-target and the image-target encoders (3 subjects, the
+paper's ``capacity_factor: 1``), each tested beside a ridge baseline whose test predictions are kept. Then stage 2
+on the world's SDXL with its IP-Adapter frozen (LoRA, temporal and spatial routers of both branches), and
+``predict`` of every test image under four conditions through the same sampler: ceiling (true embeddings), brain,
+ridge and shuffled brain, scored with the evaluation suite and the world's CLIP. Prints one table and writes a
+truth | ceiling | brain | ridge grid. Each step is also a command of its own (README).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-CONFIGS = ["configs/base/trainer.yaml", "configs/stage1/tiny_synthetic.yaml"]
+WORLD = "experiments/world/default"
+CONFIGS = ["configs/base/trainer.yaml", "configs/stage1/tiny_synthetic.yaml", "configs/stage1/world.yaml"]
 IMAGE_CONFIGS = [*CONFIGS, "configs/stage1/tiny_synthetic_image.yaml"]
-STAGE2_CONFIGS = ["configs/base/stage2_trainer.yaml", "configs/stage2/tiny_synthetic.yaml"]
+STAGE2_CONFIGS = ["configs/base/stage2_trainer.yaml", "configs/stage2/world_synthetic.yaml"]
+SUBJECTS = [1, 2, 3]
 
 
 def step(message: str) -> float:
@@ -26,18 +32,25 @@ def step(message: str) -> float:
     return time.perf_counter()
 
 
+def targets_current(directory: Path, model: Path) -> bool:
+    """A target cache exists and was computed with ``model`` (a stale cache from other models is redone)."""
+    meta = directory / "meta.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("model") == str(model.resolve())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__)
     parser.add_argument("--data", default="data/synthetic")
     parser.add_argument("--mindeye2-layout", default="data/synthetic_mindeye2")
     parser.add_argument("--imported", default="data/synthetic_imported")
-    parser.add_argument("--tiny-models", default="data/tiny_models")
+    parser.add_argument("--world", default=WORLD, help="the learned world (make world rebuilds it into data/world)")
     parser.add_argument("--runs", default="runs", help="log root; runs are <runs>/<name>/<version>")
     parser.add_argument("--version", default="demo")
     args = parser.parse_args(argv)
-    data, start = Path(args.data), time.perf_counter()
+    data, world, start = Path(args.data), Path(args.world), time.perf_counter()
 
     from experiments import make_synthetic_nsd, prepare_nsd
+    from experiments.world.validate import check_world
 
     if not (data / "synthetic_nsd.json").exists():
         step("generate the synthetic NSD dataset")
@@ -45,26 +58,27 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.imported, "subj03", "meta.json").exists():
         step("import its MindEyeV2 layout with the real importer")
         prepare_nsd.main(["--mindeye2-root", args.mindeye2_layout, "--out", args.imported,
-                          "--subjects", "1", "2", "3", "--quiet"])
+                          "--subjects", *map(str, SUBJECTS), "--quiet"])
+    image_size = json.loads((data / "synthetic_nsd.json").read_text())["config"]["image_size"]
+    manifest = check_world(world, "--world", image_size=image_size)
+    print(f"\nthe learned world: {world} ({manifest.get('preset', '?')} preset, {image_size} px; quality in "
+          f"{world / 'quality.json'})")
 
     from experiments.caching.targets import cache_targets
-    from experiments.world.tiny_models import make_tiny_clip, make_tiny_sdxl
 
-    if not Path(args.tiny_models, "unet", "config.json").exists():
-        step("write tiny random CLIP and SDXL-shaped models (local directories, loaded with from_pretrained)")
-        make_tiny_sdxl(make_tiny_clip(args.tiny_models))
-    if not (data / "targets" / "clip_text" / "meta.json").exists():
-        step("cache the stage-1 text targets")
-        cache_targets(data, [1, 2, 3], data / "targets", text_model=args.tiny_models)
-    if not (data / "targets" / "clip_image" / "meta.json").exists():
-        step("cache the stage-1 image targets")
-        cache_targets(data, [1, 2, 3], data / "targets", image_model=str(Path(args.tiny_models, "image_encoder")))
+    for name, kwargs, model in (("clip_text", {"text_model": str(world)}, world),
+                                ("clip_image", {"image_model": str(world / "image_encoder")},
+                                 world / "image_encoder")):
+        if not targets_current(data / "targets" / name, model):
+            step(f"cache the stage-1 {name} targets with the world's CLIP")
+            cache_targets(data, SUBJECTS, data / "targets", **kwargs)
 
-    from experiments.evaluation.comparison_grid import comparison_grid
     from experiments.ridge_baseline import main as ridge_main
     from experiments.run import cli_main
+    from experiments.studies import reconstruction_rows as rows
 
     runs = Path(args.runs)
+    ridge_dir = runs / "ridge_predictions" / args.version
 
     def options(configs: list[str], name: str) -> tuple[list[str], Path]:
         run_dir = runs / name / args.version
@@ -73,37 +87,46 @@ def main(argv: list[str] | None = None) -> int:
                 f"--trainer.logger.init_args.name={name}", f"--trainer.logger.init_args.version={args.version}",
                 f"--data.init_args.data_dir={data}"], run_dir
 
-    common, text_dir = options(CONFIGS, "stage1_tiny")
-    t = step("fit stage 1, text target (3 subjects, tiny models, CPU)")
-    cli_main(["fit", *common])
-    print(f"fit took {time.perf_counter() - t:.0f} s")
-    step("test on the shared test images")
-    cli_main(["test", *common, f"--ckpt_path={text_dir / 'checkpoints' / 'last.ckpt'}", "--verbose=false"])
-    step("ridge-regression baseline on the same data")
-    ridge_main([*common[: 2 * len(CONFIGS)], "--compare", str(text_dir / "test_metrics.json")])
+    stage1 = {}
+    for target, configs, name in (("clip_text", CONFIGS, "stage1_world_text"),
+                                  ("clip_image", IMAGE_CONFIGS, "stage1_world_image")):
+        common, run_dir = options(configs, name)
+        t = step(f"fit stage 1, {target} target (3 subjects, capacity_factor 1, CPU)")
+        cli_main(["fit", *common])
+        print(f"fit took {time.perf_counter() - t:.0f} s")
+        step(f"test {target} on the shared test images, beside a ridge baseline")
+        cli_main(["test", *common, f"--ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "--verbose=false"])
+        ridge_main([*common[: 2 * len(configs)], "--compare", str(run_dir / "test_metrics.json"), "--predictions", str(ridge_dir / target)])
+        stage1[target] = run_dir
 
-    image_args, image_dir = options(IMAGE_CONFIGS, "stage1_tiny_image")
-    t = step("fit stage 1, image target")
-    cli_main(["fit", *image_args])
-    print(f"fit took {time.perf_counter() - t:.0f} s")
-
-    stage2, stage2_dir = options(STAGE2_CONFIGS, "stage2_tiny")
-    stage2 += [f"--model.init_args.sdxl_dir={args.tiny_models}",
-               f"--model.init_args.image_encoder={image_dir / 'checkpoints' / 'last.ckpt'}",
-               f"--model.init_args.text_encoder={text_dir / 'checkpoints' / 'last.ckpt'}"]
-    t = step("fit stage 2: routed diffusion on the tiny SDXL-shaped UNet (subject 1, image + text branches)")
+    stage2, stage2_dir = options(STAGE2_CONFIGS, "stage2_world")
+    stage2 += [f"--model.init_args.sdxl_dir={world}",
+               f"--model.init_args.ip_adapter_weights={world / 'ip_adapter.safetensors'}",
+               f"--model.init_args.image_encoder={stage1['clip_image'] / 'checkpoints' / 'last.ckpt'}",
+               f"--model.init_args.text_encoder={stage1['clip_text'] / 'checkpoints' / 'last.ckpt'}"]
+    t = step("fit stage 2 on the world's SDXL (IP-Adapter frozen; LoRA and both branches' routers trained)")
     cli_main(["fit", *stage2])
     print(f"fit took {time.perf_counter() - t:.0f} s")
-    step("reconstruct the test images of subject 1 (predict)")
-    stage2[stage2.index(f"--trainer.logger.init_args.version={args.version}")] = \
-        f"--trainer.logger.init_args.version={args.version}_predict"
-    shutil.rmtree(runs / "stage2_tiny" / f"{args.version}_predict", ignore_errors=True)
-    cli_main(["predict", *stage2, f"--ckpt_path={stage2_dir / 'checkpoints' / 'last.ckpt'}"])
-    recon_dir = runs / "stage2_tiny" / f"{args.version}_predict" / "reconstructions" / "subj01"
-    grid = comparison_grid(data, "subj01", recon_dir, stage2_dir / "truth_vs_reconstruction.png")
-    print(f"\nstage 1 (TensorBoard logs, checkpoints, config.yaml, test_metrics.json): {text_dir}, {image_dir}")
-    print(f"stage 2: {stage2_dir}; reconstructions and per-step routing: {recon_dir}")
-    print(f"ground truth | reconstruction: {grid}   (make tensorboard)")
+
+    step("reconstruct the test images: ceiling (true embeddings), brain, ridge, shuffled brain")
+    sources = rows.RowSources(targets={"image": str(data / "targets" / "clip_image"),
+                                       "text": str(data / "targets" / "clip_text")},
+                              ridge={"image": str(ridge_dir / "clip_image"), "text": str(ridge_dir / "clip_text")})
+    without_version = [a for a in stage2 if not a.startswith("--trainer.logger.init_args.version=")]
+    recon = rows.predict_rows(without_version, stage2_dir / "checkpoints" / "last.ckpt", runs, "stage2_world",
+                              args.version, rows.standard_rows(sources))
+    step("evaluate every row (PixCorr, SSIM; CLIP two-way and N-way identification with the world's CLIP)")
+    subjects = [f"subj{s:02d}" for s in SUBJECTS]
+    results = rows.evaluate_rows(data, recon, subjects, str(world / "image_encoder"))
+    print(rows.rows_table(results))
+    record = rows.rows_record(results, stage2_dir / "reconstruction_rows.json",
+                              {"reconstructions": {k: str(v) for k, v in recon.items()}})
+    grid = rows.rows_grid(data, "subj01", {k: recon[k] for k in ("ceiling", "brain", "ridge")},
+                          stage2_dir / "truth_vs_reconstruction.png")
+    print(f"\nstage 1 (TensorBoard logs, checkpoints, config.yaml, test_metrics.json): "
+          f"{stage1['clip_text']}, {stage1['clip_image']}")
+    print(f"stage 2: {stage2_dir}; reconstructions and per-step routing per row: {runs / 'stage2_world'}")
+    print(f"table: {record}; truth | ceiling | brain | ridge: {grid}   (make tensorboard)")
     print(f"demo took {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -24,13 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action="append", required=True, help="run config(s), as for experiments.run")
     parser.add_argument("--compare", default=None, help="a stage-1 test_metrics.json to print beside")
     parser.add_argument("--out", default=None, help="write the baseline's results here (JSON)")
+    parser.add_argument("--predictions", default=None,
+                        help="write the predicted test embeddings here, a target cache per subject (DIR/subjXX), "
+                             "for stage 2's model.condition_tables")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     dm = build(config["data"])
     model_args = config["model"]["init_args"]
     target = model_args.get("target", "clip_image")
     results = ridge_baseline(dm, target, model_args.get("retrieval_candidates", 300),
-                             model_args.get("retrieval_draws", 30))
+                             model_args.get("retrieval_draws", 30), predictions_dir=args.predictions)
     if args.out:
         write_json_atomic(args.out, {"ridge": results, "target": target, "provenance": provenance()})
     ours = json.loads(Path(args.compare).read_text())["metrics"] if args.compare else {}

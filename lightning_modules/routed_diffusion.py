@@ -33,6 +33,7 @@ from lightning_modules.components.injection import (
 )
 from lightning_modules.components.level_prior import KLDirection, gaussian_level_target, level_kl
 from lightning_modules.components.routed_branch import BranchOutput, BranchSpec, RoutedBranch
+from lightning_modules.condition_tables import ConditionTable
 from lightning_modules.routed_sampling import SamplerName, sample_latents
 from lightning_modules.run_records import write_run_record
 from lightning_modules.sdxl_loading import DTYPES, encode_prompt, load_sdxl
@@ -73,6 +74,14 @@ class RoutedDiffusionModule(L.LightningModule):
         init_from: a stage-2 checkpoint to start from (new-subject transfer: its LoRA, routers and projections are
             loaded at the start of ``fit``; the new subject's own stage-1 encoders are ``image_encoder`` /
             ``text_encoder``).
+        condition_dropout: training only: the probability that a sample's conditions are replaced by classifier-free
+            guidance's negative half (negative prompt, zero brain image tokens), so that the guided sampler's
+            unconditional branch is in distribution (as the world's IP-Adapter and UNet were trained).
+        condition_tables: per branch (``image`` / ``text``), a target cache of fixed embeddings by nsd_id used
+            instead of the stage-1 experts (``lightning_modules.condition_tables``): the true targets give the
+            ceiling (what a perfect stage 1 would give), a baseline's predictions its row, through the same stage 2.
+        shuffle_conditions: a control: every image is conditioned on another image's brain (expert rows rolled by
+            one within each batch), the chance level measured on the same data.
         trainable: the parts trained, by module reference (``parts()``): ``lora``, ``routers`` (temporal and
             spatial), ``projections`` (image token projection, brain prompt) and ``ip_attention`` (IP key / value).
             Default: lora, routers, projections, and ip_attention unless loaded from IP-Adapter weights (see
@@ -98,7 +107,8 @@ class RoutedDiffusionModule(L.LightningModule):
                  sampler: SamplerName = "euler",
                  inference_steps: int = 50, guidance_scale: float = 5.0,
                  negative_prompt: str = REFERENCE_NEGATIVE, seed: int = 0, init_from: str | None = None,
-                 trainable: list[Stage2Part] | None = None):
+                 trainable: list[Stage2Part] | None = None, condition_dropout: float = 0.0,
+                 condition_tables: dict[str, str] | None = None, shuffle_conditions: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["lr_scheduler"])
         if image_branch is None and text_branch is None:
@@ -195,6 +205,17 @@ class RoutedDiffusionModule(L.LightningModule):
                                     (self.text_encoder, "model.text_encoder")):
                 if encoder is not None:
                     encoder.check_subjects(list(num_voxels), option)
+        if not 0.0 <= condition_dropout < 1.0:
+            raise ValueError(f"model.condition_dropout must be in [0, 1), got {condition_dropout}")
+        self.condition_tables: dict[str, ConditionTable] = {}
+        for branch, directory in (condition_tables or {}).items():
+            encoder = getattr(self, f"{branch}_encoder", None) if branch in ("image", "text") else None
+            if encoder is None:
+                raise ValueError(f"model.condition_tables.{branch}: no such branch in this configuration "
+                                 f"(branches: {self.branches})")
+            spec = image_branch if branch == "image" else text_branch
+            self.condition_tables[branch] = ConditionTable(directory, f"model.condition_tables.{branch}",
+                                                           encoder.num_experts, encoder.embed_dim, spec.pool)
         self.val_timesteps = list(val_timesteps or [100, 300, 500, 700, 900])
         self.val_loss = MeanMetric()
         self.val_loss_at = torch.nn.ModuleList(MeanMetric() for _ in self.val_timesteps)
@@ -265,8 +286,15 @@ class RoutedDiffusionModule(L.LightningModule):
         """One sub-batch's voxels (b, V) or (b, R, V) -> {branch: [(b, E_l, D)]} (frozen, computed once)."""
         out = {}
         for branch in self.branches:
-            encoder: FrozenStage1 = getattr(self, f"{branch}_encoder")
-            experts = encoder(sub["voxels"], subject, sub.get("repeat_mask"))
+            if branch in self.condition_tables:
+                experts = self.condition_tables[branch].lookup(subject, sub["nsd_id"], self.device)
+            else:
+                encoder: FrozenStage1 = getattr(self, f"{branch}_encoder")
+                experts = encoder(sub["voxels"], subject, sub.get("repeat_mask"))
+            if self.hparams.shuffle_conditions:
+                if len(experts[0]) < 2:
+                    raise ValueError("model.shuffle_conditions needs batches of at least 2 images")
+                experts = [x.roll(1, 0) for x in experts]
             out[branch] = [x.float() for x in experts]
         return out
 
@@ -363,11 +391,29 @@ class RoutedDiffusionModule(L.LightningModule):
             out[branch] = level_kl(r.router_probs, target)
         return out
 
+    def drop_conditions(self, drop: torch.Tensor, prompt: torch.Tensor, pooled: torch.Tensor, injection: Injection
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``drop`` (B,) bool get classifier-free guidance's negative half: prompt (B, S, C), pooled (B, P)
+        and the injection's image tokens replaced in place; returns the new prompt and pooled embeddings."""
+        neg_prompt, neg_pooled, neg_ip = self.unconditional(injection, len(drop), drop.device)
+        prompt = torch.where(drop[:, None, None], neg_prompt.to(prompt.dtype), prompt)
+        pooled = torch.where(drop[:, None], neg_pooled.to(pooled.dtype), pooled)
+        if neg_ip is not None:
+            injection.ip_tokens = torch.where(drop[:, None, None], neg_ip.to(injection.ip_tokens.dtype),
+                                              injection.ip_tokens)
+        if injection.text_rows is not None:
+            injection.text_rows = injection.text_rows & ~drop
+        return prompt, pooled
+
     def diffusion_loss(self, latents: torch.Tensor, experts: dict[str, list[torch.Tensor]],
-                       timesteps: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        """-> (weighted epsilon MSE, routing, per-sample unweighted MSE)."""
+                       timesteps: torch.Tensor, noise: torch.Tensor, drop: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """-> (weighted epsilon MSE, routing, per-sample unweighted MSE); ``drop`` (B,) bool: rows trained on the
+        unconditional half (``condition_dropout``)."""
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         prompt, pooled, injection, routing = self.route(noisy, timesteps, experts)
+        if drop is not None and bool(drop.any()):
+            prompt, pooled = self.drop_conditions(drop, prompt, pooled, injection)
         pred = self.unet_eps(noisy, timesteps, prompt, pooled, injection)
         weights = min_snr_weights(self.alphas_cumprod, timesteps, self.hparams.snr_gamma)
         per_sample = per_sample_mse(pred, noise)
@@ -385,7 +431,9 @@ class RoutedDiffusionModule(L.LightningModule):
         if self.hparams.noise_offset:
             noise = noise + self.hparams.noise_offset * torch.randn(*latents.shape[:2], 1, 1, device=latents.device)
         t = torch.randint(0, self.num_train_timesteps, (len(latents),), device=latents.device)
-        loss, routing, _ = self.diffusion_loss(latents, experts, t, noise)
+        drop = (torch.rand(len(latents), device=latents.device) < self.hparams.condition_dropout
+                if self.hparams.condition_dropout else None)
+        loss, routing, _ = self.diffusion_loss(latents, experts, t, noise, drop)
         kl = self.kl_terms(routing, t)
         total = loss + self.hparams.kl_weight * sum(kl.values()) if kl else loss
         n = len(latents)

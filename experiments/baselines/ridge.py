@@ -6,12 +6,15 @@ chosen on the validation images (never on the test set); test repeats are averag
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import webdataset as wds
 from sklearn.linear_model import Ridge
 
 from datamodules.nsd import NSDDataModule
+from datamodules.target_cache import write_target_cache
 from datamodules.shard_format import decode_sample
 from datamodules.streams import raise_with_shard
 from lightning_modules.metrics import retrieval_top1
@@ -33,20 +36,26 @@ def training_arrays(dm: NSDDataModule, subject: str, target: str) -> tuple[np.nd
     return np.stack(voxels), dm.targets[target].lookup(np.array(ids)).reshape(len(ids), -1)
 
 
-def evaluation_arrays(loader, target: str) -> tuple[np.ndarray, np.ndarray]:
-    """Repeat-averaged voxels (N, V) and targets (N, D) of an evaluation loader (padding dropped)."""
-    voxels, targets = [], []
+def evaluation_arrays(loader, target: str, with_ids: bool = False) -> tuple[np.ndarray, ...]:
+    """Repeat-averaged voxels (N, V) and targets (N, D) of an evaluation loader (padding dropped), and with
+    ``with_ids`` their nsd_ids (N,)."""
+    voxels, targets, ids = [], [], []
     for batch in loader:
         valid, mask = batch["valid"], batch["repeat_mask"][batch["valid"]].float()
         averaged = (batch["voxels"][valid] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         voxels.append(averaged.numpy())
         targets.append(batch[target][valid].reshape(int(valid.sum()), -1).numpy())
-    return np.concatenate(voxels), np.concatenate(targets)
+        ids.append(batch["nsd_id"][valid].numpy())
+    out = (np.concatenate(voxels), np.concatenate(targets))
+    return (*out, np.concatenate(ids)) if with_ids else out
 
 
 def ridge_baseline(dm: NSDDataModule, target: str, candidates: int = 300, draws: int = 30,
-                   alphas: tuple[float, ...] = ALPHAS) -> dict[str, dict[str, float]]:
-    """Per subject: the chosen alpha and test forward/backward top-1 of a ridge from voxels to ``target``."""
+                   alphas: tuple[float, ...] = ALPHAS, predictions_dir: str | Path | None = None
+                   ) -> dict[str, dict[str, float]]:
+    """Per subject: the chosen alpha and test forward/backward top-1 of a ridge from voxels to ``target``. With
+    ``predictions_dir``, the predicted test embeddings are written as a target cache per subject
+    (``predictions_dir/subjXX``, keyed by nsd_id): stage 2's ``condition_tables`` read them."""
     dm.prepare_data()
     dm.setup("test")
     results = {}
@@ -60,8 +69,12 @@ def ridge_baseline(dm: NSDDataModule, target: str, candidates: int = 300, draws:
                 pred = Ridge(alpha=alpha).fit(x, y - mean).predict(xv) + mean
                 scores[alpha] = retrieval_top1(torch.tensor(pred), torch.tensor(yv), candidates, draws)[0]
         alpha = max(scores, key=scores.get) if scores else alphas[len(alphas) // 2]
-        xt, yt = evaluation_arrays(dm.test_dataloader()[index], target)
+        xt, yt, ids = evaluation_arrays(dm.test_dataloader()[index], target, with_ids=True)
         pred = Ridge(alpha=alpha).fit(x, y - mean).predict(xt) + mean
+        if predictions_dir is not None:
+            write_target_cache(Path(predictions_dir) / subject, ids, pred.astype(np.float32),
+                               model=f"ridge (alpha {alpha:g}) from {subject}'s voxels", layer=target,
+                               extra={"subjects": [subject], "data_dir": str(dm.data_dir), "target": target})
         fwd, bwd = retrieval_top1(torch.tensor(pred), torch.tensor(yt), candidates, draws)
         results[subject] = {"alpha": alpha, "fwd_top1": fwd, "bwd_top1": bwd, "candidates": min(candidates, len(yt))}
     return results

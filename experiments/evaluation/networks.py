@@ -105,6 +105,10 @@ class ClipImageEmbeds(nn.Module):
         self.model = CLIPVisionModelWithProjection.from_pretrained(directory, local_files_only=True)
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = self.model.config.image_size  # a smaller tower (the learned world's CLIP) sees its own input size
+        if pixel_values.shape[-1] != size:
+            pixel_values = torch.nn.functional.interpolate(pixel_values, size=(size, size), mode="bicubic",
+                                                           antialias=True, align_corners=False)
         return {"image_embeds": self.model(pixel_values=pixel_values).image_embeds}
 
 

@@ -62,6 +62,9 @@ METRICS: tuple[MetricInfo, ...] = (
     MetricInfo("alexnet5", "Alex(5)", True, True, "alexnet", "two_way", "AlexNet features.11, two-way identification"),
     MetricInfo("inception", "Incep", True, True, "inception", "two_way", "InceptionV3 avgpool, two-way identification"),
     MetricInfo("clip", "CLIP", True, True, "clip", "two_way", "CLIP ViT-L/14 image embeds, two-way identification"),
+    MetricInfo("clip_top1", "CLIP top-1", True, True, "clip", "identification",
+               "CLIP image embeds: the reconstruction correlates best with its own image among all N test images "
+               "(N-way identification, chance 1/N)"),
     MetricInfo("effnet", "Eff", False, False, "effnet", "correlation_distance",
                "EfficientNet-B1 avgpool, mean correlation distance"),
     MetricInfo("swav", "SwAV", False, False, "swav", "correlation_distance",
@@ -161,6 +164,11 @@ class Evaluator:
             batch = images.batch(start, min(start + bs, n))
             yield start, torch.cat([to_eval_size(image[None], aa) for image in batch]).to(device)
 
+    @staticmethod
+    def _with_identification(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """N-way identification reads the same CLIP features as two-way identification."""
+        return {**features, "clip_top1": features["clip"]} if "clip" in features else features
+
     def _features(self, images256: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
         for network in self.networks.values():
@@ -175,14 +183,15 @@ class Evaluator:
         ids, gt_images = load_test_images(data_dir, name)
         paths, notes = find_reconstructions(recons_dir, name, ids, single_subject)
         gt, rec, n = ImageSet(images=gt_images), ImageSet(paths=paths), len(ids)
-        accumulators = {m: (TwoWayIdentification() if METRIC_BY_KEY[m].kind == "two_way" else CorrelationDistance())
-                        for m in active if METRIC_BY_KEY[m].kind in ("two_way", "correlation_distance")}
+        accumulators = {m: (CorrelationDistance() if METRIC_BY_KEY[m].kind == "correlation_distance"
+                            else TwoWayIdentification())
+                        for m in active if METRIC_BY_KEY[m].kind in ("two_way", "identification", "correlation_distance")}
         per_pair: dict[str, list[torch.Tensor]] = {m: [] for m in active if METRIC_BY_KEY[m].kind in
                                                    ("low_level", "lpips", "dreamsim")}
         gt_dreamsim: list[torch.Tensor] = []
         if accumulators or self.dreamsim is not None:  # pass 1: ground-truth features
             for _, images in self._batches(gt, n):
-                for metric, feats in self._features(images).items():
+                for metric, feats in self._with_identification(self._features(images)).items():
                     if metric in accumulators:
                         accumulators[metric].add_reference(feats)
                 if self.dreamsim is not None:
@@ -203,7 +212,7 @@ class Evaluator:
             if self.lpips is not None:
                 per_pair["lpips"].append(self.lpips(truth, recons))
             if accumulators:
-                for metric, feats in self._features(recons).items():
+                for metric, feats in self._with_identification(self._features(recons)).items():
                     if metric in accumulators:
                         accumulators[metric].add_candidates(feats)
             if self.dreamsim is not None:
@@ -214,6 +223,9 @@ class Evaluator:
             ratios[metric] = (torch.cat(values).double().numpy(), 1.0)
         for metric, acc in accumulators.items():
             ratios[metric] = acc.per_image()
+            if METRIC_BY_KEY[metric].kind == "identification":  # first among all N: every distractor beaten
+                counts, distractors = ratios[metric]
+                ratios[metric] = ((counts == distractors).astype(np.float64), 1.0)
         if "image_retrieval" in active or "brain_retrieval" in active:
             brain, image = load_embeddings(cfg.embeddings, name, ids, cfg.brain_key, cfg.image_key)
             result = retrieval_mindeye2(brain, image, cfg.candidates, cfg.draws, cfg.retrieval_seed, cfg.device)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_modules.components.batched_layers import BatchedLinear, BatchedProjector, BatchedResidualMLP
-from lightning_modules.components.routers import ExpertChoiceRouter, RoutingResult, balance_loss
+from lightning_modules.components.routers import ExpertChoiceRouter, RoutingResult, UnitScoring, balance_loss
 
 
 @dataclass
@@ -58,12 +58,15 @@ class HierarchicalMoE(nn.Module):
     children (2 -> 4 -> 8 -> 16 by default). Level-0 experts are residual MLPs at their input width
     (H / e0 * capacity_factor; MindEye2 blocks), deeper experts a Linear (reference) or a one-block residual MLP.
     Every expert has a ``backbone`` head Linear(h_l -> D) and a 3-layer ``clip`` projector head on top of it.
+    ``scoring`` / ``affinity_init``: what a unit's routing score depends on (``ExpertChoiceRouter``): its value
+    (``value``, the reference), which unit it is (``unit``) or both (``value_unit``).
     """
 
     def __init__(self, hidden_dim: int = 4096, out_dim: int = 1280, num_experts_0: int = 2, factor: int = 2,
                  num_levels: int = 4, capacity_factor: float = 1.0, num_blocks: int = 4, dropout: float = 0.15,
                  deep_expert: Literal["linear", "mlp"] = "linear", clip_hidden: int | None = None,
-                 gate_init: float = 1e-4, noise_std: float = 1e-3):
+                 gate_init: float = 1e-4, noise_std: float = 1e-3, scoring: UnitScoring = "value",
+                 affinity_init: float = 1.0):
         super().__init__()
         self.hidden_dim, self.out_dim, self.num_levels = hidden_dim, out_dim, num_levels
         self.routers, self.experts = nn.ModuleList(), nn.ModuleList()
@@ -72,7 +75,8 @@ class HierarchicalMoE(nn.Module):
         self.num_experts: list[int] = []
         self.widths: list[int] = []
         for level in range(num_levels):
-            router = ExpertChoiceRouter(parents, children, units, capacity_factor, gate_init, noise_std)
+            router = ExpertChoiceRouter(parents, children, units, capacity_factor, gate_init, noise_std, scoring,
+                                        affinity_init)
             experts_here, width = parents * children, router.capacity
             if level == 0:
                 expert = BatchedResidualMLP(experts_here, width, num_blocks, dropout)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
+
+
+UnitScoring = Literal["value", "unit", "value_unit"]
 
 
 @dataclass
@@ -33,22 +37,42 @@ class ExpertChoiceRouter(nn.Module):
     deterministic. Training noise (std ``noise_std``) is added to the probabilities after the softmax, as in the
     reference. Level 0 is ``P = 1`` parent (the adapter output) with ``f = E_0`` children.
 
+    ``scoring`` says what a unit's score depends on. ``value`` (the reference): only its value, so which units an
+    expert receives, and in which order, changes with every sample (position j of an expert's input is a
+    different unit from one sample to the next). ``unit``: a learned affinity ``a[p, d, c]`` of unit d for child c
+    (which unit it is, not its value; the paper's voxel-to-expert affinity): every sample routes the same units to
+    the same expert in the same order, a learned partition whose gates still weight the inputs and train the
+    affinities. ``value_unit``: both terms added, a stable unit identity modulated by the value. Affinities start
+    as N(0, ``affinity_init``), so the initial partition is random.
+
     (B, P, u) -> RoutingResult with inputs (B, P * f, k); child ``p * f + c`` belongs to parent ``p``.
     """
 
     def __init__(self, num_parents: int, num_children: int, units: int, capacity_factor: float = 1.0,
-                 gate_init: float = 1e-4, noise_std: float = 1e-3):
+                 gate_init: float = 1e-4, noise_std: float = 1e-3, scoring: UnitScoring = "value",
+                 affinity_init: float = 1.0):
         super().__init__()
         self.num_parents, self.num_children, self.units = num_parents, num_children, units
         self.capacity = int(units / num_children * capacity_factor)
         if not 1 <= self.capacity <= units:
             raise ValueError(f"capacity {self.capacity} must be in [1, {units}] (units={units}, "
                              f"children={num_children}, capacity_factor={capacity_factor})")
-        self.noise_std = noise_std
+        if scoring not in ("value", "unit", "value_unit"):
+            raise ValueError(f"scoring must be value, unit or value_unit, got {scoring!r}")
+        self.noise_std, self.scoring = noise_std, scoring
         self.weight = nn.Parameter(torch.empty(num_parents, num_children).uniform_(-gate_init, gate_init))
+        self.affinity = (nn.Parameter(torch.randn(num_parents, units, num_children) * affinity_init)
+                         if scoring != "value" else None)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, P, u) -> (B, P, u, f) the score of every unit for every child."""
+        if self.scoring == "unit":
+            return self.affinity[None].expand(x.shape[0], -1, -1, -1)
+        value = x.unsqueeze(-1) * self.weight[None, :, None, :]
+        return value + self.affinity[None] if self.scoring == "value_unit" else value
 
     def forward(self, x: torch.Tensor) -> RoutingResult:
-        probs = torch.softmax(x.unsqueeze(-1) * self.weight[None, :, None, :], dim=-1)  # (B, P, u, f)
+        probs = torch.softmax(self.logits(x), dim=-1)  # (B, P, u, f)
         if self.training and self.noise_std > 0:
             probs = probs + self.noise_std * torch.randn_like(probs)
         by_child = probs.permute(0, 1, 3, 2)  # (B, P, f, u)

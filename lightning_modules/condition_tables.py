@@ -1,0 +1,54 @@
+"""Fixed per-image embeddings in place of a branch's frozen stage-1 experts (stage 2's reference rows).
+
+A condition table is a target cache (``datamodules.target_cache``: ``ids.npy``, ``values.npy``, ``meta.json``)
+keyed by ``nsd_id``: either one directory for every subject (the true CLIP targets, what a perfect stage 1 would
+give) or one sub-directory per subject (``DIR/subj01``: e.g. a ridge baseline's predicted test embeddings).
+``lookup`` spreads each image's embedding (D,) over the experts of every level so that the branch's pooling gives
+the embedding back: every expert holds ``e / E_l`` under ``pool: sum`` (the level sum is ``e``) and ``e`` under
+``pool: mean``; routers then see identical experts, so the table row is what the branch injects at every step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datamodules.shard_format import subject_name
+from datamodules.target_cache import TargetCache
+
+
+class ConditionTable:
+    """``directory`` (shared or per subject) -> ``lookup(subject, nsd_ids)`` = [(b, E_l, D)] per level."""
+
+    def __init__(self, directory: str | Path, option: str, num_experts: list[int], embed_dim: int, pool: str):
+        self.directory, self.option = Path(directory), option
+        self.num_experts, self.embed_dim, self.pool = list(num_experts), int(embed_dim), pool
+        self._caches: dict[str, TargetCache] = {}
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"{option}: no condition table at {self.directory} (a target-cache directory, "
+                                    "or one per subject below it)")
+
+    def cache(self, subject: str) -> TargetCache:
+        name = subject_name(subject)
+        if name not in self._caches:
+            own = self.directory / name
+            directory = own if (own / "meta.json").is_file() else self.directory
+            cache = TargetCache(directory)
+            width = int(np.prod(cache.shape))
+            if width != self.embed_dim:
+                raise ValueError(f"{self.option}: {directory} holds {width}-d embeddings, but the branch's "
+                                 f"experts are {self.embed_dim}-d")
+            self._caches[name] = cache
+        return self._caches[name]
+
+    def lookup(self, subject: str, nsd_ids: torch.Tensor, device: torch.device | None = None
+               ) -> list[torch.Tensor]:
+        """(b,) nsd_ids -> [(b, E_l, D)] float32, every expert of level l set so that its pooling gives the row."""
+        cache = self.cache(subject)
+        ids = nsd_ids.detach().cpu().numpy()
+        rows = torch.from_numpy(cache.lookup(ids).reshape(len(ids), -1).astype("float32"))
+        rows = rows.to(device) if device is not None else rows
+        return [(rows / count if self.pool == "sum" else rows)[:, None].expand(-1, count, -1).contiguous()
+                for count in self.num_experts]

@@ -1,0 +1,120 @@
+"""Learning, not movement: stage 2 on the (reduced) learned world decodes brains into their images.
+
+Everything runs through the real entry point (``experiments.run``) on the small synthetic dataset: stage 1 on the
+world CLIP's targets, a short stage-2 fit on the world's SDXL with its IP-Adapter frozen, then ``predict`` of the
+test images under controls. Assertions are the directions the ground truth guarantees: the fit lowers the
+held-out diffusion loss of the same model untrained; the brain row is identified (two-way, the world's CLIP) far
+better than the same model fed shuffled brains or zeroed router inputs; the ceiling (true embeddings) is at least
+as good as the brain.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datamodules.target_cache import write_target_cache
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+STAGE1 = [REPO / "configs/base/trainer.yaml", REPO / "configs/stage1/tiny_synthetic.yaml",
+          REPO / "configs/stage1/world.yaml"]
+STAGE2 = [REPO / "configs/base/stage2_trainer.yaml", REPO / "configs/stage2/world_synthetic.yaml"]
+MARGIN = 15.0  # percentage points of CLIP two-way identification above each control
+
+
+def _configs(paths: list[Path]) -> list[str]:
+    return [a for p in paths for a in ("--config", str(p))]
+
+
+@pytest.fixture(scope="module")
+def world_targets(reduced_world, small_data, tmp_path_factory) -> Path:
+    from experiments.caching.targets import cache_targets
+
+    root = tmp_path_factory.mktemp("world_targets")
+    cache_targets(small_data, [1, 2, 3], root, image_model=str(reduced_world / "image_encoder"),
+                  text_model=str(reduced_world))
+    return root
+
+
+@pytest.fixture(scope="module")
+def world_stage1(small_data, world_targets, reduced_world, tmp_path_factory) -> dict[str, Path]:
+    """Stage-1 encoders of subject 1 on the world's image and text targets (prior on every expert)."""
+    from experiments.run import cli_main
+
+    width = __import__("json").loads((reduced_world / "image_encoder" / "config.json").read_text())["projection_dim"]
+    out = {}
+    for target in ("clip_image", "clip_text"):
+        logs = tmp_path_factory.mktemp(f"world_{target}")
+        cli_main(["fit", *_configs(STAGE1), f"--data.init_args.data_dir={small_data}",
+                  f"--data.init_args.targets={{{target}: {world_targets / target}}}",
+                  "--data.init_args.subjects=[subj01]", "--data.init_args.val_images=8",
+                  f"--data.init_args.val_cache_dir={logs / 'val_cache'}", f"--model.init_args.target={target}",
+                  f"--model.init_args.moe.init_args.out_dim={width}",
+                  f"--model.init_args.prior.init_args.embed_dim={width}",
+                  f"--trainer.logger.init_args.save_dir={logs}", "--trainer.logger.init_args.version=run",
+                  "--trainer.enable_progress_bar=false", "--trainer.max_epochs=12",
+                  "--trainer.check_val_every_n_epoch=100"])
+        out[target] = next(logs.glob("*/run/checkpoints/last.ckpt"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage2_args(small_data, world_stage1, reduced_world, tmp_path_factory) -> list[str]:
+    logs = tmp_path_factory.mktemp("world_stage2")
+    return [*_configs(STAGE2), f"--data.init_args.data_dir={small_data}", "--data.init_args.subjects=[subj01]",
+            "--data.init_args.val_images=8", f"--data.init_args.val_cache_dir={logs / 'val_cache'}",
+            "--data.init_args.samples_per_epoch=160", "--data.init_args.eval_batch_size=10",
+            f"--model.init_args.sdxl_dir={reduced_world}",
+            f"--model.init_args.ip_adapter_weights={reduced_world / 'ip_adapter.safetensors'}",
+            f"--model.init_args.image_encoder={world_stage1['clip_image']}",
+            f"--model.init_args.text_encoder={world_stage1['clip_text']}",
+            "--model.init_args.inference_steps=10", "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={logs}"]
+
+
+@pytest.fixture(scope="module")
+def fitted(stage2_args) -> dict:
+    """Validation loss of the untrained stage 2, then a short fit and the fitted model's validation loss."""
+    from experiments.run import cli_main
+
+    before = cli_main(["validate", *stage2_args, "--trainer.logger.init_args.version=untrained"])
+    untrained = float(before.trainer.callback_metrics["val/diffusion_loss"])
+    fit = cli_main(["fit", *stage2_args, "--trainer.logger.init_args.version=fit"])
+    checkpoint = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    after = cli_main(["validate", *stage2_args, "--trainer.logger.init_args.version=fitted",
+                      f"--ckpt_path={checkpoint}"])
+    return {"untrained": untrained, "fitted": float(after.trainer.callback_metrics["val/diffusion_loss"]),
+            "checkpoint": checkpoint, "log_root": Path(fit.trainer.log_dir).parent}
+
+
+def _zero_table(directory: Path, small_data: Path, width: int) -> Path:
+    from experiments.evaluation.inputs import test_ids
+
+    ids = test_ids(small_data, "subj01")
+    return write_target_cache(directory, ids, np.zeros((len(ids), width), np.float32), model="zeros",
+                              layer="the routers' inputs zeroed")
+
+
+def test_stage2_on_the_world_learns_and_decodes_brains_beyond_every_control(
+        fitted, stage2_args, small_data, world_targets, reduced_world):
+    from experiments.studies import reconstruction_rows as rows
+
+    assert fitted["fitted"] < fitted["untrained"], fitted
+    width = __import__("json").loads((reduced_world / "image_encoder" / "config.json").read_text())["projection_dim"]
+    zeros = _zero_table(fitted["log_root"] / "zeros", small_data, width)
+    truth = {"image": str(world_targets / "clip_image"), "text": str(world_targets / "clip_text")}
+    conditions = {"ceiling": [rows.tables_override(truth)], "brain": [],
+                  "shuffled": ["--model.init_args.shuffle_conditions=true"],
+                  "zeroed": [rows.tables_override({"image": str(zeros), "text": str(zeros)})]}
+    recon = rows.predict_rows(stage2_args, fitted["checkpoint"], fitted["log_root"].parent,
+                              fitted["log_root"].name, "rows", conditions)
+    results = rows.evaluate_rows(small_data, recon, ["subj01"], str(reduced_world / "image_encoder"), bootstrap=0)
+    two_way = {row: r[0].values["clip"] for row, r in results.items()}
+    print(rows.rows_table(results))
+    assert two_way["brain"] >= two_way["shuffled"] + MARGIN, two_way
+    assert two_way["brain"] >= two_way["zeroed"] + MARGIN, two_way  # zeroed router inputs carry nothing
+    assert two_way["ceiling"] >= two_way["brain"] - 5.0, two_way
+    assert abs(two_way["shuffled"] - 50.0) < 20.0, two_way
