@@ -469,50 +469,58 @@ def import_nsd_raw(nsd_root: str | Path, out: str | Path, subjects: Sequence[int
         source = RawNSDSource(root, name, glm=glm, mask=mask.format(subject=name) if mask else None,
                               sessions=sessions, normalise=normalise, ncsnr_threshold=ncsnr_threshold)
         try:
-            subject_dir = Path(out) / name
-            trials = source.trials
-            size = image_size or min(224, source.image_size)
-            if size > source.image_size:
-                raise DataFormatError(f"--image-size {size} exceeds the {source.image_size} px of "
-                                      f"{source.paths['stimuli']}")
-            recipe = {"nsd_root": str(root.resolve()), "glm": glm, "mask": str(source.mask_path),
-                      "ncsnr_threshold": ncsnr_threshold, "normalise": normalise,
-                      "train_sessions": source.num_sessions, "sessions_present": len(source.session_paths),
-                      "trials_per_session": source.session_trials, "voxel_order": "C order of the mask volume",
-                      "stimuli": str(source.paths["stimuli"]), "design": str(source.paths["design"]),
-                      "betas": [str(p) for p in source.session_paths], "psc_scale": PSC_SCALE}
-            options = WriteOptions(
-                sessions=list(range(1, source.num_sessions + 1)), image_size=size, image_format=image_format,
-                test_shard_size=test_shard_size, chunk_rows=chunk_rows, normalisation=_normalisation(source),
-                source=f"nsd_raw:{root.resolve()} glm={glm} mask={source.mask_path} normalise={normalise} "
-                       f"ncsnr_threshold={ncsnr_threshold} train_sessions={source.num_sessions}")
-            cache = subject_dir / CACHE_DIR
-            complete = (subject_dir / "meta.json").exists()
-            labels, rois = ({}, {}) if complete else source.roi_labels()
-            if not complete:
-                source.prepare(cache, progress=progress)
-            mean, std = source._stats if source._stats is not None else (None, None)
-            extra_files = {
-                "norm_stats.npz": lambda p: _save_npz(p, mean=mean, std=std, sessions=np.arange(1, len(mean) + 1)),
-                "voxel_mask.nii.gz": lambda p: _save_mask(p, source),
-                "voxel_index.npy": lambda p: _save_npy(p, source.flat_index.astype(np.int64)),
-            }
-            if labels:
-                extra_files["nsd_rois.npz"] = lambda p: _save_npz(p, **labels)
-            if source.paths["mean"].exists():
-                extra_files["mean.nii.gz"] = lambda p: p.write_bytes(source.paths["mean"].read_bytes())
-            extra_meta = {"roi_mask": "voxel_mask.nii.gz", "voxel_index": "voxel_index.npy",
-                          "mean_volume": "mean.nii.gz" if source.paths["mean"].exists() else None,
-                          "nsd_rois": {"file": "nsd_rois.npz", "atlases": rois} if labels else None,
-                          "nsd_raw": recipe}
-            meta = write_subject(source, trials, out, name, options, captions=caption_map, categories=category_map,
-                                 extra_meta=extra_meta, extra_files={} if complete else extra_files,
-                                 progress=progress)
-            shutil.rmtree(cache, ignore_errors=True)
+            meta = _import_subject(source, Path(out), image_size=image_size, image_format=image_format,
+                                   test_shard_size=test_shard_size, chunk_rows=chunk_rows, captions=caption_map,
+                                   categories=category_map, progress=progress)
         finally:
             source.close()
         summary[name] = summarise(meta)
     return summary
+
+
+def _import_subject(source: RawNSDSource, out: Path, *, image_size: int | None, image_format: str,
+                    test_shard_size: int, chunk_rows: int, captions: dict, categories: dict,
+                    progress: bool) -> dict[str, Any]:
+    name, subject_dir = source.subject, out / source.subject
+    size = image_size or min(224, source.image_size)
+    if size > source.image_size:
+        raise DataFormatError(f"--image-size {size} exceeds the {source.image_size} px of {source.paths['stimuli']}")
+    recipe = {"nsd_root": str(source.root.resolve()), "glm": source.glm, "mask": str(source.mask_path),
+              "ncsnr_threshold": source.ncsnr_threshold, "normalise": source.normalise,
+              "train_sessions": source.num_sessions, "sessions_present": len(source.session_paths),
+              "trials_per_session": source.session_trials, "voxel_order": "C order of the mask volume",
+              "stimuli": str(source.paths["stimuli"]), "design": str(source.paths["design"]),
+              "betas": [str(p) for p in source.session_paths], "psc_scale": PSC_SCALE}
+    options = WriteOptions(
+        sessions=list(range(1, source.num_sessions + 1)), image_size=size, image_format=image_format,
+        test_shard_size=test_shard_size, chunk_rows=chunk_rows, normalisation=_normalisation(source),
+        source=f"nsd_raw:{source.root.resolve()} glm={source.glm} mask={source.mask_path} "
+               f"normalise={source.normalise} ncsnr_threshold={source.ncsnr_threshold} "
+               f"train_sessions={source.num_sessions}")
+    cache = subject_dir / CACHE_DIR
+    complete = (subject_dir / "meta.json").exists()
+    labels, rois = ({}, {}) if complete else source.roi_labels()
+    extra_files: dict[str, Any] = {}
+    if not complete:
+        source.prepare(cache, progress=progress)
+        mean, std = source._stats
+        extra_files = {
+            "norm_stats.npz": lambda p: _save_npz(p, mean=mean, std=std, sessions=np.arange(1, len(mean) + 1)),
+            "voxel_mask.nii.gz": lambda p: _save_mask(p, source),
+            "voxel_index.npy": lambda p: _save_npy(p, source.flat_index.astype(np.int64)),
+        }
+        if labels:
+            extra_files["nsd_rois.npz"] = lambda p: _save_npz(p, **labels)
+        if source.paths["mean"].exists():
+            extra_files["mean.nii.gz"] = lambda p: p.write_bytes(source.paths["mean"].read_bytes())
+    extra_meta = {"roi_mask": "voxel_mask.nii.gz", "voxel_index": "voxel_index.npy",
+                  "mean_volume": "mean.nii.gz" if source.paths["mean"].exists() else None,
+                  "nsd_rois": {"file": "nsd_rois.npz", "atlases": rois} if labels else None,
+                  "nsd_raw": recipe}
+    meta = write_subject(source, source.trials, out, name, options, captions=captions, categories=categories,
+                         extra_meta=extra_meta, extra_files=extra_files, progress=progress)
+    shutil.rmtree(cache, ignore_errors=True)
+    return meta
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,7 @@ import numpy as np
 from datamodules.atomic import atomic_path, write_json_atomic
 from datamodules.errors import DataFormatError
 from datamodules.subject_writer import TrialTable
-from datamodules.synthetic import CATEGORIES, RUNS_PER_SESSION, ROI_NAMES, SubjectModel, SyntheticNSD
+from datamodules.synthetic import CATEGORIES, ROI_NAMES, RUNS_PER_SESSION, SubjectModel, SyntheticNSD
 
 DEFAULT_GLM = "betas_fithrf_GLMdenoise_RR"
 PSC_SCALE = 300.0  # NSD stores betas as int16 percent signal change x 300
