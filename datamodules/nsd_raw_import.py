@@ -48,7 +48,7 @@ ROI_ATLASES = ("prf-visualrois", "floc-faces", "floc-places", "floc-bodies", "fl
 NORMALISATIONS = ("session", "train")
 PSC_SCALE = 300.0
 CACHE_DIR = ".nsd_raw_cache"
-VOLUME_CHUNK = 64  # volumes read at a time from one session file
+VOLUME_CHUNK = 16  # volumes read at a time from one session file
 
 
 def _require(path: Path, what: str) -> Path:
