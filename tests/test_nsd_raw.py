@@ -366,3 +366,25 @@ def test_interrupted_import_resumes(tiny_raw, tmp_path, monkeypatch):
     assert not cache.exists() and not list(out.rglob("*.tmp"))
     with pytest.raises(DataFormatError, match="other options"):
         import_nsd_raw(tiny_raw, out, [1], normalise="train", progress=False)
+
+
+def test_hdf5_betas_and_a_custom_mask(tiny_raw, tmp_path):
+    """NSD's ``betas_sessionNN.hdf5`` ((T, Z, Y, X)) imports exactly like the NIfTI files; ``--mask`` picks the
+    voxels > 0 of any volume on the grid."""
+    import h5py
+
+    import_nsd_raw(tiny_raw, tmp_path / "nifti", [1], progress=False)
+    for s in (1, 2, 3):
+        path = _betas(tiny_raw, s)
+        volume = np.asarray(nib.load(path).dataobj)
+        with h5py.File(path.with_name(f"betas_session{s:02d}.hdf5"), "w") as h5:
+            h5.create_dataset("betas", data=volume.transpose(3, 2, 1, 0))
+        path.unlink()
+    import_nsd_raw(tiny_raw, tmp_path / "hdf5", [1], progress=False)
+    assert _shards(tmp_path / "hdf5" / "subj01") == _shards(tmp_path / "nifti" / "subj01")
+
+    roi = tiny_raw / "nsddata" / "ppdata" / "subj01" / "func1pt8mm" / "roi" / "prf-visualrois.nii.gz"
+    import_nsd_raw(tiny_raw, tmp_path / "masked", [1], mask=str(roi), progress=False)
+    meta = json.loads((tmp_path / "masked" / "subj01" / "meta.json").read_text())
+    assert meta["num_voxels"] == int((np.asarray(nib.load(roi).dataobj) > 0).sum())
+    assert meta["nsd_raw"]["mask"] == str(roi)
