@@ -45,6 +45,8 @@ from datamodules.subject_writer import TrialTable, WriteOptions, summarise, writ
 GLMS = ("betas_fithrf_GLMdenoise_RR", "betas_fithrf", "betas_assumehrf")
 DEFAULT_GLM = GLMS[0]
 ROI_ATLASES = ("prf-visualrois", "floc-faces", "floc-places", "floc-bodies", "floc-words", "streams")
+# one label per voxel for the analyses (``voxel_roi``): category-selective ROIs over visual areas over streams
+ROI_PRIORITY = ("floc-faces", "floc-bodies", "floc-places", "floc-words", "prf-visualrois", "streams")
 NORMALISATIONS = ("session", "train")
 PSC_SCALE = 300.0
 CACHE_DIR = ".nsd_raw_cache"
@@ -427,6 +429,26 @@ class RawNSDSource:
         self._images_file.close()
 
 
+def combine_roi_labels(labels: dict[str, np.ndarray], described: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
+    """One ROI per voxel from the per-file labels: the first of ``ROI_PRIORITY`` that labels it (so a voxel in
+    FFA-1 and the ventral stream is FFA-1), ``none`` where no file does. Returns (V,) int16 indices into the names
+    (``none`` first; a name used by two files is prefixed with its file)."""
+    atlases = [a for a in ROI_PRIORITY if a in labels]
+    num_voxels = len(next(iter(labels.values())))
+    names, combined = ["none"], np.zeros(num_voxels, np.int16)
+    every = [v for a in atlases for v in described[a]["names"].values()]
+    for atlas in reversed(atlases):  # lower priority first, overwritten by higher
+        for key, name in described[atlas]["names"].items():
+            sel = labels[atlas] == int(key)
+            if not sel.any():
+                continue
+            label = name if every.count(name) == 1 else f"{atlas}:{name}"
+            if label not in names:
+                names.append(label)
+            combined[sel] = names.index(label)
+    return combined, names
+
+
 def _load_json_map(path: Path | None, what: str) -> dict[int, list[str]]:
     if path is None:
         return {}
@@ -500,6 +522,7 @@ def _import_subject(source: RawNSDSource, out: Path, *, image_size: int | None, 
     cache = subject_dir / CACHE_DIR
     complete = (subject_dir / "meta.json").exists()
     labels, rois = ({}, {}) if complete else source.roi_labels()
+    combined, names = combine_roi_labels(labels, rois) if labels else (None, [])
     extra_files: dict[str, Any] = {}
     if not complete:
         source.prepare(cache, progress=progress)
@@ -511,11 +534,15 @@ def _import_subject(source: RawNSDSource, out: Path, *, image_size: int | None, 
         }
         if labels:
             extra_files["nsd_rois.npz"] = lambda p: _save_npz(p, **labels)
+            extra_files["voxel_roi.npy"] = lambda p: _save_npy(p, combined)
         if source.paths["mean"].exists():
             extra_files["mean.nii.gz"] = lambda p: p.write_bytes(source.paths["mean"].read_bytes())
     extra_meta = {"roi_mask": "voxel_mask.nii.gz", "voxel_index": "voxel_index.npy",
                   "mean_volume": "mean.nii.gz" if source.paths["mean"].exists() else None,
                   "nsd_rois": {"file": "nsd_rois.npz", "atlases": rois} if labels else None,
+                  "voxel_roi": {"labels": "voxel_roi.npy", "names": names,
+                                "description": "one ROI per voxel from nsd_rois: " + " > ".join(ROI_PRIORITY)
+                                               + "; none = in no ROI file"} if labels else None,
                   "nsd_raw": recipe}
     meta = write_subject(source, source.trials, out, name, options, captions=captions, categories=categories,
                          extra_meta=extra_meta, extra_files=extra_files, progress=progress)

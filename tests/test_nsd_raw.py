@@ -18,6 +18,7 @@ import pytest
 from scipy.io import loadmat
 
 from datamodules.errors import DataFormatError
+from datamodules.inspection import describe_dataset
 from datamodules.mindeye2_import import import_mindeye2
 from datamodules.nsd_raw_import import CACHE_DIR, import_nsd_raw
 from datamodules.nsd_raw_layout import (
@@ -27,7 +28,7 @@ from datamodules.nsd_raw_layout import (
     synthetic_roi_labels,
     write_nsd_raw_layout,
 )
-from datamodules.synthetic import SyntheticNSDConfig, simulate, write_mindeye2_layout
+from datamodules.synthetic import ROI_NAMES, SyntheticNSDConfig, simulate, write_mindeye2_layout
 from experiments._cli import run_main
 from experiments.prepare_nsd import main as prepare_main
 from tests.conftest import SMALL
@@ -201,6 +202,18 @@ def test_roi_labels_mask_and_ncsnr_selection(layouts, tmp_path):
     assert np.allclose(mask.affine, grid_affine(model.volume_shape))
     assert np.array_equal(np.flatnonzero(np.asarray(mask.dataobj).ravel()), model.mask_flat_index)
     assert (folder / "mean.nii.gz").exists()
+    # one ROI per voxel for the analyses, named as NSD names them
+    combined = np.load(folder / meta["voxel_roi"]["labels"])
+    names = np.asarray(meta["voxel_roi"]["names"])[combined]
+    by_type = {"category_animal": {"FFA-1"}, "category_sports": {"EBA"}, "category_furniture": {"PPA"},
+               "category_vehicle": {"OPA"}, "category_kitchen": {"VWFA-1"}, "category_food": {"ventral"},
+               "low_level": set(ROI_TABLES["prf-visualrois"].values()),
+               "mid_level": {"midventral", "midlateral", "midparietal"}, "unresponsive": {"none"}}
+    for k, roi_type in enumerate(ROI_NAMES):
+        assert set(names[model.roi == k].tolist()) <= by_type[roi_type], roi_type
+    assert set(names[model.roi == ROI_NAMES.index("low_level")].tolist()) == by_type["low_level"]
+    rows = describe_dataset(tmp_path / "all")  # reads a raw import (no synthetic ground truth there)
+    assert rows[0]["subject"] == "subj01" and "median_split_half_responsive" not in rows[0]
 
     threshold = 0.8
     ncsnr = np.sqrt(model.reliability / (1 - model.reliability))
