@@ -401,3 +401,31 @@ def test_hdf5_betas_and_a_custom_mask(tiny_raw, tmp_path):
     meta = json.loads((tmp_path / "masked" / "subj01" / "meta.json").read_text())
     assert meta["num_voxels"] == int((np.asarray(nib.load(roi).dataobj) > 0).sum())
     assert meta["nsd_raw"]["mask"] == str(roi)
+
+
+def test_interpretability_reads_a_raw_import_in_subject_space_with_nsd_roi_names(layouts, tmp_path):
+    """The analyses' ROI loader finds the imported voxel mask (so voxel maps are also written as NIfTI on the
+    subject's grid) and the NSD ROI names (so enrichment tables name FFA-1, PPA, ...)."""
+    from types import SimpleNamespace
+
+    try:  # the interpretability package is moving under experiments/
+        from experiments.interpretability.loading import load_roi_info
+        from experiments.interpretability.voxel_maps import roi_enrichment, to_volume
+    except ImportError:
+        from lightning_modules.interpretability.loading import load_roi_info
+        from lightning_modules.interpretability.voxel_maps import roi_enrichment, to_volume
+
+    data, raw_root, _ = layouts
+    import_nsd_raw(raw_root, tmp_path, [2], progress=False)
+    meta = json.loads((tmp_path / "subj02" / "meta.json").read_text())
+    run = SimpleNamespace(datamodule=SimpleNamespace(metas={"subj02": meta}, data_dir=str(tmp_path)))
+    roi = load_roi_info(run, "subj02")
+    model = data.subjects["subj02"]
+    assert roi.mask is not None and np.allclose(roi.affine, grid_affine(model.volume_shape))
+    values = np.arange(1, model.num_voxels + 1, dtype=np.float32)[None]
+    volume = to_volume(values, roi)[..., 0]
+    assert np.array_equal(volume.reshape(-1)[model.mask_flat_index], values[0])  # voxel v at its own position
+    assert volume.sum() == values.sum()
+    ffa = (np.asarray(roi.names)[roi.labels] == "FFA-1").astype(np.float32)
+    enrichment = roi_enrichment(ffa[None] + 0.01, roi.labels, roi.names)
+    assert roi.names[int(enrichment[0].argmax())] == "FFA-1"
