@@ -19,7 +19,7 @@ from experiments._cli import run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.prepare_nsd --nsd-root", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.prepare_nsd", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nsd-root", required=True, help="NSD release directory (holds nsddata/, nsddata_betas/, "
                                                           "nsddata_stimuli/)")

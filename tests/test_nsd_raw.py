@@ -429,3 +429,23 @@ def test_interpretability_reads_a_raw_import_in_subject_space_with_nsd_roi_names
     ffa = (np.asarray(roi.names)[roi.labels] == "FFA-1").astype(np.float32)
     enrichment = roi_enrichment(ffa[None] + 0.01, roi.labels, roi.names)
     assert roi.names[int(enrichment[0].argmax())] == "FFA-1"
+
+
+def test_door_success_and_the_datamodule_reads_the_import(tiny_raw, tmp_path, capsys):
+    from datamodules import NSDDataModule
+
+    out = tmp_path / "out"
+    status = run_main(prepare_main, ["--nsd-root", str(tiny_raw), "--out", str(out), "--subjects", "1",
+                                     "--normalise", "train", "--quiet"])
+    text = capsys.readouterr().out
+    assert status == 0 and "subj01" in text and "z-score per train" in text
+    dm = NSDDataModule(str(out), subjects=["subj01"], batch_size=4, eval_batch_size=2, num_workers=0,
+                       val_images=3, val_cache_dir=str(tmp_path / "val_cache"), shuffle_buffer=10,
+                       shuffle_initial=4)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch, _, _ = next(iter(dm.train_dataloader()))
+    assert batch["subj01"]["voxels"].shape == (4, TINY.voxels[0])
+    dm.setup("test")
+    test = next(iter(dm.test_dataloader()[0]))
+    assert test["voxels"].shape[1:] == (TINY.repeats, TINY.voxels[0]) and test["repeat_mask"].all()
