@@ -227,6 +227,8 @@ class RawNSDSource:
                                   + (f" with ncsnr >= {ncsnr_threshold}" if ncsnr_threshold is not None else ""))
         self.num_voxels = len(self.flat_index)
         self.session_paths = self._session_paths()
+        if sessions is not None and sessions < 1:
+            raise DataFormatError(f"--sessions must be at least 1 (got {sessions})")
         self.num_sessions = len(self.session_paths) if sessions is None else sessions
         if self.num_sessions > len(self.session_paths):
             missing = self.paths["betas_dir"] / f"betas_session{len(self.session_paths) + 1:02d}.nii.gz"

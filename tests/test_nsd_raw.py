@@ -323,6 +323,8 @@ def test_bad_input_one_line_naming_the_file_exit_2(tiny_raw, tmp_path, capsys, c
 def test_sessions_beyond_the_files_and_ncsnr_without_volume(tiny_raw, tmp_path):
     with pytest.raises(DataFormatError, match="betas_session04.nii.gz"):
         import_nsd_raw(tiny_raw, tmp_path, [1], sessions=4, progress=False)
+    with pytest.raises(DataFormatError, match="--sessions must be at least 1"):
+        import_nsd_raw(tiny_raw, tmp_path, [1], sessions=0, progress=False)
     (tiny_raw / "nsddata_betas" / "ppdata" / "subj01" / "func1pt8mm" / RR / "ncsnr.nii.gz").unlink()
     with pytest.raises(DataFormatError, match="ncsnr.nii.gz"):
         import_nsd_raw(tiny_raw, tmp_path, [1], ncsnr_threshold=0.2, progress=False)
