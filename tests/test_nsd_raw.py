@@ -451,3 +451,17 @@ def test_door_success_and_the_datamodule_reads_the_import(tiny_raw, tmp_path, ca
     dm.setup("test")
     test = next(iter(dm.test_dataloader()[0]))
     assert test["voxels"].shape[1:] == (TINY.repeats, TINY.voxels[0]) and test["repeat_mask"].all()
+
+
+def test_make_synthetic_nsd_writes_the_raw_layout_consistent_with_the_others(tmp_path, capsys):
+    from experiments.make_synthetic_nsd import main
+
+    args = ["--voxels", "40", "50", "--sessions", "2", "--trials-per-session", "30", "--test-images", "5",
+            "--image-size", "16"]
+    assert main(["--out", str(tmp_path / "ours"), "--nsd-raw-layout", str(tmp_path / "raw"), *args]) == 0
+    assert "raw layout" in capsys.readouterr().out
+    import_nsd_raw(tmp_path / "raw", tmp_path / "imported", [1, 2], normalise="train", progress=False)
+    for name in ("subj01", "subj02"):
+        ours = json.loads((tmp_path / "ours" / name / "meta.json").read_text())
+        raw = json.loads((tmp_path / "imported" / name / "meta.json").read_text())
+        assert [s["nsd_ids"] for s in ours["sessions"]] == [s["nsd_ids"] for s in raw["sessions"]]
