@@ -344,7 +344,9 @@ class RawNSDSource:
         for n, path in enumerate(tqdm(self.session_paths, desc=f"{self.subject} sessions", unit="session",
                                       disable=not progress), start=1):
             betas_cache, stats_cache = self._session_cache(n)
-            if betas_cache.exists() and stats_cache.exists():
+            identity = np.array([path.stat().st_size, path.stat().st_mtime_ns], np.int64)  # a replaced file is reread
+            if betas_cache.exists() and stats_cache.exists() and \
+                    np.array_equal(np.load(stats_cache).get("source", np.zeros(0)), identity):
                 continue
             session = _SessionFile(path, self.mask_shape, self.affine, self.mask_path)
             try:
@@ -359,7 +361,7 @@ class RawNSDSource:
             with atomic_path(betas_cache) as tmp, open(tmp, "wb") as handle:
                 np.save(handle, block)
             with atomic_path(stats_cache) as tmp, open(tmp, "wb") as handle:
-                np.savez(handle, n=len(train), sum=train.sum(0), sum_sq=np.square(train).sum(0))
+                np.savez(handle, n=len(train), sum=train.sum(0), sum_sq=np.square(train).sum(0), source=identity)
         self._stats = self._normalisation_stats()
 
     @staticmethod

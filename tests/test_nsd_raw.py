@@ -369,6 +369,12 @@ def test_interrupted_import_resumes(tiny_raw, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):  # killed while writing the second training shard
         import_nsd_raw(tiny_raw, out, [1], progress=False)
     assert reads == ["betas_session02.nii.gz", "betas_session03.nii.gz"]  # session 1 came from the cache
+    touched = _betas(tiny_raw, 3)
+    touched.write_bytes(touched.read_bytes())  # a replaced session file (new mtime) is read again
+    reads.clear()
+    with pytest.raises(KeyboardInterrupt):
+        import_nsd_raw(tiny_raw, out, [1], progress=False)
+    assert reads == ["betas_session03.nii.gz"]
     first = out / "subj01" / "train" / "session-01.tar"
     mtime = first.stat().st_mtime_ns
     assert not (out / "subj01" / "train" / "session-02.tar").exists()
