@@ -48,6 +48,8 @@ ROI_ATLASES = ("prf-visualrois", "floc-faces", "floc-places", "floc-bodies", "fl
 # one label per voxel for the analyses (``voxel_roi``): category-selective ROIs over visual areas over streams
 ROI_PRIORITY = ("floc-faces", "floc-bodies", "floc-places", "floc-words", "prf-visualrois", "streams")
 NORMALISATIONS = ("session", "train")
+DESIGNS = ("expdesign", "responses")
+NSD_SHARED = 1000  # shared images in NSD (len(sharedix)), used when only responses.tsv is at hand
 PSC_SCALE = 300.0
 CACHE_DIR = ".nsd_raw_cache"
 VOLUME_CHUNK = 16  # volumes read at a time from one session file
@@ -129,11 +131,39 @@ def load_design(path: Path) -> dict[str, np.ndarray]:
     return design
 
 
+def load_responses(path: Path) -> dict[str, np.ndarray]:
+    """NSD's per-subject ``responses.tsv`` (tab-separated, header row): columns ``SESSION``, ``RUN``, ``73KID``
+    (1-based), ``10KID`` (1-based index into the subject's 10k images, = masterordering) and, when present,
+    ``TRIAL`` (within the run), as int64 arrays in chronological order."""
+    _require(path, "NSD responses file")
+    lines = [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise DataFormatError(f"{path} is empty")
+    header = [h.strip() for h in lines[0]]
+    needed = ["SESSION", "RUN", "73KID", "10KID"]
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise DataFormatError(f"{path} lacks the column(s) {', '.join(missing)} (found {', '.join(header)})")
+    columns = needed + (["TRIAL"] if "TRIAL" in header else [])
+    try:
+        values = np.array([[float(row[header.index(c)]) for c in columns] for row in lines[1:]])
+    except (ValueError, IndexError) as exc:
+        raise DataFormatError(f"{path}: bad row ({exc})") from exc
+    if values.size == 0 or not np.isfinite(values).all() or values.min() < 1:
+        raise DataFormatError(f"{path}: columns {', '.join(columns)} must hold positive integers")
+    values = values.astype(np.int64)
+    table = {c: values[:, k] for k, c in enumerate(columns)}
+    order = np.lexsort((table["TRIAL"], table["RUN"], table["SESSION"])) if "TRIAL" in table \
+        else np.arange(len(values))
+    return {c: v[order] for c, v in table.items()}
+
+
 def nsd_paths(root: Path, subject: str, glm: str) -> dict[str, Path]:
     func = root / "nsddata" / "ppdata" / subject / "func1pt8mm"
     return {"betas_dir": root / "nsddata_betas" / "ppdata" / subject / "func1pt8mm" / glm,
             "roi_dir": func / "roi", "mask": func / "roi" / "nsdgeneral.nii.gz", "mean": func / "mean.nii.gz",
             "design": root / "nsddata" / "experiments" / "nsd" / "nsd_expdesign.mat",
+            "responses": root / "nsddata" / "ppdata" / subject / "behav" / "responses.tsv",
             "stimuli": root / "nsddata_stimuli" / "stimuli" / "nsd" / "nsd_stimuli.hdf5",
             "ctab_dir": root / "nsddata" / "freesurfer" / subject / "label"}
 
@@ -198,8 +228,13 @@ class RawNSDSource:
     cache of masked betas (``prepare``); ``read_voxels`` returns normalised betas."""
 
     def __init__(self, root: str | Path, subject: str, *, glm: str = DEFAULT_GLM, mask: str | Path | None = None,
-                 sessions: int | None = None, normalise: str = "session", ncsnr_threshold: float | None = None):
+                 sessions: int | None = None, normalise: str = "session", ncsnr_threshold: float | None = None,
+                 design: str = "expdesign"):
         import h5py
+
+        if design not in DESIGNS:
+            raise DataFormatError(f"--design {design!r} is not one of {', '.join(DESIGNS)}")
+        self.design_source = design
 
         if glm not in GLMS:
             raise DataFormatError(f"--glm {glm!r} is not one of {', '.join(GLMS)}")
@@ -233,7 +268,8 @@ class RawNSDSource:
         if self.num_sessions > len(self.session_paths):
             missing = self.paths["betas_dir"] / f"betas_session{len(self.session_paths) + 1:02d}.nii.gz"
             raise DataFormatError(f"missing betas session file: {missing} (--sessions {sessions})")
-        self.design = load_design(self.paths["design"])
+        use_mat = design == "expdesign" or self.paths["design"].exists()
+        self.design = load_design(self.paths["design"]) if use_mat else None
         self.session_trials = []
         for path in self.session_paths:
             session = _SessionFile(path, self.mask_shape, self.affine, self.mask_path)
@@ -252,7 +288,8 @@ class RawNSDSource:
                                   "expected (N, S, S, 3)")
         bad = self.trials.nsd_id >= self._images.shape[0]
         if bad.any():
-            raise DataFormatError(f"{self.paths['design']}: 73k id {int(self.trials.nsd_id[bad][0])} of {subject} "
+            design_file = self.paths["responses" if design == "responses" else "design"]
+            raise DataFormatError(f"{design_file}: 73k id {int(self.trials.nsd_id[bad][0])} of {subject} "
                                   f"is out of range for {self.paths['stimuli']} key 'imgBrick' with "
                                   f"{self._images.shape[0]} images")
         self.image_size = int(self._images.shape[1])
@@ -286,6 +323,8 @@ class RawNSDSource:
         return [found[n] for n in range(1, max(found) + 1)]
 
     def _trial_table(self) -> TrialTable:
+        if self.design_source == "responses":
+            return self._trial_table_from_responses()
         design, path = self.design, self.paths["design"]
         if self.subject_index > design["subjectim"].shape[0]:
             raise DataFormatError(f"{path}: subjectim has {design['subjectim'].shape[0]} rows, no {self.subject}")
@@ -319,10 +358,29 @@ class RawNSDSource:
         return TrialTable(nsd_id=row[slots - 1] - 1, session=session, run=np.concatenate(runs), trial=trial,
                           global_trial=np.arange(total), is_test=slots <= shared)
 
+    def _trial_table_from_responses(self) -> TrialTable:
+        """Trials from ``responses.tsv``: its rows of each session present, in order, must match the session's
+        betas count; shared = ``10KID <= len(sharedix)`` (from ``nsd_expdesign.mat`` when present, else 1000)."""
+        path = self.paths["responses"]
+        table = load_responses(path)
+        shared = len(self.design["sharedix"]) if self.design is not None else NSD_SHARED
+        parts = []
+        for n, (count, betas_path) in enumerate(zip(self.session_trials, self.session_paths), start=1):
+            rows = np.flatnonzero(table["SESSION"] == n)
+            if len(rows) != count:
+                raise DataFormatError(f"{betas_path} holds {count} trials; {path} lists {len(rows)} for session {n}")
+            parts.append(rows)
+        rows = np.concatenate(parts)
+        total = len(rows)
+        return TrialTable(nsd_id=table["73KID"][rows] - 1, session=table["SESSION"][rows], run=table["RUN"][rows],
+                          trial=np.concatenate([np.arange(c) for c in self.session_trials]),
+                          global_trial=np.arange(total), is_test=table["10KID"][rows] <= shared)
+
     # ----------------------------------------------------------------------------------------------- cache
     def recipe(self) -> dict[str, Any]:
         mask_digest = hashlib.sha256(self.mask_path.read_bytes()).hexdigest()[:16]
-        return {"glm": self.glm, "mask": str(self.mask_path.resolve()), "mask_sha256": mask_digest,
+        return {"glm": self.glm, "design": self.design_source, "mask": str(self.mask_path.resolve()),
+                "mask_sha256": mask_digest,
                 "ncsnr_threshold": self.ncsnr_threshold, "voxels": self.num_voxels,
                 "session_trials": self.session_trials}
 
@@ -475,8 +533,8 @@ def _normalisation(source: RawNSDSource) -> dict[str, Any]:
 
 def import_nsd_raw(nsd_root: str | Path, out: str | Path, subjects: Sequence[int | str], *, glm: str = DEFAULT_GLM,
                    mask: str | None = None, normalise: str = "session", ncsnr_threshold: float | None = None,
-                   sessions: int | None = None, image_size: int | None = None, image_format: str = "png",
-                   captions: str | Path | None = None, coco_categories: str | Path | None = None,
+                   sessions: int | None = None, design: str = "expdesign", image_size: int | None = None,
+                   image_format: str = "png", captions: str | Path | None = None, coco_categories: str | Path | None = None,
                    test_shard_size: int = 250, chunk_rows: int = 256, progress: bool = True,
                    ) -> dict[str, dict[str, Any]]:
     """Convert subjects of a raw NSD release into our shard format; returns per-subject summary counts.
@@ -493,7 +551,8 @@ def import_nsd_raw(nsd_root: str | Path, out: str | Path, subjects: Sequence[int
     for subj in subjects:
         name = subject_name(subj)
         source = RawNSDSource(root, name, glm=glm, mask=mask.format(subject=name) if mask else None,
-                              sessions=sessions, normalise=normalise, ncsnr_threshold=ncsnr_threshold)
+                              sessions=sessions, normalise=normalise, ncsnr_threshold=ncsnr_threshold,
+                              design=design)
         try:
             meta = _import_subject(source, Path(out), image_size=image_size, image_format=image_format,
                                    test_shard_size=test_shard_size, chunk_rows=chunk_rows, captions=caption_map,
@@ -511,17 +570,20 @@ def _import_subject(source: RawNSDSource, out: Path, *, image_size: int | None, 
     size = image_size or min(224, source.image_size)
     if size > source.image_size:
         raise DataFormatError(f"--image-size {size} exceeds the {source.image_size} px of {source.paths['stimuli']}")
-    recipe = {"nsd_root": str(source.root.resolve()), "glm": source.glm, "mask": str(source.mask_path),
+    recipe = {"nsd_root": str(source.root.resolve()), "glm": source.glm, "design_source": source.design_source,
+              "mask": str(source.mask_path),
               "ncsnr_threshold": source.ncsnr_threshold, "normalise": source.normalise,
               "train_sessions": source.num_sessions, "sessions_present": len(source.session_paths),
               "trials_per_session": source.session_trials, "voxel_order": "C order of the mask volume",
-              "stimuli": str(source.paths["stimuli"]), "design": str(source.paths["design"]),
+              "stimuli": str(source.paths["stimuli"]),
+              "design": str(source.paths["responses" if source.design_source == "responses" else "design"]),
               "betas": [str(p) for p in source.session_paths], "psc_scale": PSC_SCALE}
     options = WriteOptions(
         sessions=list(range(1, source.num_sessions + 1)), image_size=size, image_format=image_format,
         test_shard_size=test_shard_size, chunk_rows=chunk_rows, normalisation=_normalisation(source),
         source=f"nsd_raw:{source.root.resolve()} glm={source.glm} mask={source.mask_path} "
-               f"normalise={source.normalise} ncsnr_threshold={source.ncsnr_threshold} "
+               f"design={source.design_source} normalise={source.normalise} "
+               f"ncsnr_threshold={source.ncsnr_threshold} "
                f"train_sessions={source.num_sessions}")
     cache = subject_dir / CACHE_DIR
     complete = (subject_dir / "meta.json").exists()

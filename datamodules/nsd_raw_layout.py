@@ -14,6 +14,8 @@ Files, names as in NSD's data manual (``XX`` = subject, ``NN`` = session, both 1
 - ``nsddata/experiments/nsd/nsd_expdesign.mat`` (scipy): ``masterordering`` (1, T_total), ``subjectim``
   (subjects, slots), ``sharedix`` (1, shared), ``stimpattern`` (sessions, 12 runs, slots per run), 1-based as NSD.
 - ``nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5``: ``imgBrick`` (N, S, S, 3) uint8.
+- ``nsddata/ppdata/subjXX/behav/responses.tsv``: the design columns of NSD's file (SUBJECT, SESSION, RUN,
+  TRIAL, 73KID, 10KID).
 
 All volumes share one affine: 1.8 mm isotropic with the origin at the volume's centre (NSD's func1pt8mm grid is
 1.8 mm isotropic too). NSD gives every subject the same trial order (``masterordering``, indices into the
@@ -203,6 +205,24 @@ def stimpattern(cfg, num_sessions: int) -> np.ndarray:
     return pattern
 
 
+def write_responses(path: Path, subject: int, table: TrialTable, mo: np.ndarray, images: np.ndarray) -> None:
+    """The subject's ``behav/responses.tsv`` with NSD's design columns (SUBJECT, SESSION, RUN, TRIAL within the
+    run, 73KID and 10KID, 1-based; NSD's behavioural columns are left out), one row per trial in order."""
+    order = np.argsort(table.global_trial, kind="stable")
+    session, run = table.session[order], table.run[order]
+    within = np.zeros(len(order), np.int64)
+    for key in np.unique(session * 100 + run):
+        sel = np.flatnonzero(session * 100 + run == key)
+        within[sel] = np.arange(1, len(sel) + 1)
+    slots = mo[table.global_trial[order]]
+    assert np.array_equal(images[slots - 1] - 1, table.nsd_id[order])
+    lines = ["SUBJECT\tSESSION\tRUN\tTRIAL\t73KID\t10KID"]
+    lines += [f"{subject}\t{a}\t{b}\t{c}\t{d}\t{e}" for a, b, c, d, e in
+              zip(session, run, within, table.nsd_id[order] + 1, slots)]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
 def write_nsd_raw_layout(data: SyntheticNSD, root: str | Path, glms: tuple[str, ...] = (DEFAULT_GLM,),
                          ) -> SyntheticNSD:
     """Write ``nsd_like(data)`` in NSD's raw layout below ``root``; returns the data written (write the
@@ -242,6 +262,9 @@ def write_nsd_raw_layout(data: SyntheticNSD, root: str | Path, glms: tuple[str, 
             volume[outside] = rng.integers(1, len(ROI_TABLES[atlas]) + 1, len(outside))
             _write_bytes(func / "roi" / f"{atlas}.nii.gz", nifti_bytes(volume.reshape(shape), affine))
             write_ctab(root / "nsddata" / "freesurfer" / name / "label" / f"{atlas}.mgz.ctab", ROI_TABLES[atlas])
+        table = data.trials[name]
+        write_responses(root / "nsddata" / "ppdata" / name / "behav" / "responses.tsv", s + 1, table,
+                        mo, subjectim[s])
         raw = data.raw_betas[name]
         mean = np.zeros(int(np.prod(shape)), np.float32)
         mean[model.mask_flat_index] = 800 + 50 * model.offset  # a plausible EPI mean intensity inside the brain
@@ -249,7 +272,6 @@ def write_nsd_raw_layout(data: SyntheticNSD, root: str | Path, glms: tuple[str, 
         rel = model.reliability
         ncsnr = np.zeros(int(np.prod(shape)), np.float32)
         ncsnr[model.mask_flat_index] = np.sqrt(rel / np.maximum(1 - rel, 1e-6))
-        table = data.trials[name]
         for g, glm in enumerate(glms):
             betas_dir = root / "nsddata_betas" / "ppdata" / name / "func1pt8mm" / glm
             values = raw if g == 0 else raw + np.random.default_rng([cfg.seed, s, g]).normal(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from datamodules.nsd_raw_import import DEFAULT_GLM, GLMS, NORMALISATIONS, import_nsd_raw
+from datamodules.nsd_raw_import import DEFAULT_GLM, DESIGNS, GLMS, NORMALISATIONS, import_nsd_raw
 from experiments._cli import run_main
 
 
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sessions", type=int, default=None,
                         help="training shards of the first N sessions (default all present); the test set "
                              "always holds the shared trials of every session present")
+    parser.add_argument("--design", choices=DESIGNS, default="expdesign",
+                        help="trial order from nsd_expdesign.mat (default) or the subject's behav/responses.tsv")
     parser.add_argument("--image-size", type=int, default=None,
                         help="store images at this size (default min(224, stimulus size); resized once)")
     parser.add_argument("--image-format", choices=("png", "jpg"), default="png")
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     summary = import_nsd_raw(args.nsd_root, args.out, args.subjects, glm=args.glm, mask=args.mask,
                              normalise=args.normalise, ncsnr_threshold=args.ncsnr_threshold,
-                             sessions=args.sessions, image_size=args.image_size, image_format=args.image_format,
+                             sessions=args.sessions, design=args.design, image_size=args.image_size,
+                             image_format=args.image_format,
                              captions=args.captions, coco_categories=args.coco_categories,
                              progress=not args.quiet)
     print(f"{'subject':8} {'voxels':>7} {'sessions':>8} {'train trials':>12} {'train images':>12} "

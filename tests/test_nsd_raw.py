@@ -471,3 +471,20 @@ def test_make_synthetic_nsd_writes_the_raw_layout_consistent_with_the_others(tmp
         ours = json.loads((tmp_path / "ours" / name / "meta.json").read_text())
         raw = json.loads((tmp_path / "imported" / name / "meta.json").read_text())
         assert [s["nsd_ids"] for s in ours["sessions"]] == [s["nsd_ids"] for s in raw["sessions"]]
+
+
+def test_responses_tsv_gives_the_same_trials_and_its_count_is_checked(tiny_raw, tmp_path, capsys):
+    import_nsd_raw(tiny_raw, tmp_path / "mat", [1], progress=False)
+    import_nsd_raw(tiny_raw, tmp_path / "tsv", [1], design="responses", progress=False)
+    assert _shards(tmp_path / "tsv" / "subj01") == _shards(tmp_path / "mat" / "subj01")
+    meta = json.loads((tmp_path / "tsv" / "subj01" / "meta.json").read_text())
+    assert meta["nsd_raw"]["design"].endswith("responses.tsv") and "design=responses" in meta["provenance"]["source"]
+    path = tiny_raw / "nsddata" / "ppdata" / "subj01" / "behav" / "responses.tsv"
+    lines = path.read_text().splitlines()
+    session2 = next(i for i, line in enumerate(lines) if line.split("\t")[1] == "2")
+    path.write_text("\n".join(lines[:session2] + lines[session2 + 1:]) + "\n")
+    status = run_main(prepare_main, ["--nsd-root", str(tiny_raw), "--out", str(tmp_path / "bad"), "--subjects",
+                                     "1", "--design", "responses", "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert "betas_session02.nii.gz holds 30 trials; " in err and "responses.tsv lists 29 for session 2" in err
