@@ -438,6 +438,22 @@ def test_interpretability_reads_a_raw_import_in_subject_space_with_nsd_roi_names
     enrichment = roi_enrichment(ffa[None] + 0.01, roi.labels, roi.names)
     assert roi.names[int(enrichment[0].argmax())] == "FFA-1"
 
+    # slices over the subject's mean volume with ROI outlines (nilearn)
+    from PIL import Image
+
+    try:
+        from experiments.interpretability.slices import slice_figure
+    except ImportError:
+        from lightning_modules.interpretability.slices import slice_figure
+    mean = np.asarray(nib.load(tmp_path / "subj02" / "mean.nii.gz").dataobj)
+    assert roi.background is not None and np.array_equal(roi.background, mean)
+    plain = slice_figure(values[0], roi.mask, roi.affine, tmp_path / "plain.png", "map", background=roi.background)
+    outlined = slice_figure(values[0], roi.mask, roi.affine, tmp_path / "outlined.png", "map",
+                            background=roi.background, roi_labels=roi.labels, roi_names=roi.names)
+    a, b = (np.asarray(Image.open(p).convert("RGB")) for p in (plain, outlined))
+    assert a.shape == b.shape and a.shape[0] > 100 and len(np.unique(a.reshape(-1, 3), axis=0)) > 20
+    assert (np.abs(a.astype(int) - b.astype(int)).sum(-1) > 60).sum() > 50  # the outlines are drawn
+
 
 def test_door_success_and_the_datamodule_reads_the_import(tiny_raw, tmp_path, capsys):
     from datamodules import NSDDataModule
@@ -488,3 +504,30 @@ def test_responses_tsv_gives_the_same_trials_and_its_count_is_checked(tiny_raw, 
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1
     assert "betas_session02.nii.gz holds 30 trials; " in err and "responses.tsv lists 29 for session 2" in err
+
+
+def test_voxel_maps_command_on_a_raw_import_writes_slices_and_nsd_roi_tables(layouts, small_data, targets,
+                                                                             stage1_checkpoints, tmp_path):
+    """``python -m experiments.interpret voxel-maps`` on raw-imported subjects: NIfTI maps, slices over the mean
+    volume with ROI outlines in the report, enrichment tables with NSD's ROI names."""
+    from pathlib import Path
+
+    from experiments.interpret import main as interpret_main
+
+    _, raw_root, mindeye2_root = layouts
+    data = tmp_path / "data"
+    import_nsd_raw(raw_root, data, [1, 2, 3], normalise="train", captions=mindeye2_root / "coco_captions.json",
+                   progress=False)
+    (data / "targets").symlink_to(targets, target_is_directory=True)
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "interpret"
+    status = run_main(interpret_main, [
+        "voxel-maps", "--out", str(out), "--config", str(repo / "configs/base/trainer.yaml"),
+        "--config", str(repo / "configs/stage1/tiny_synthetic.yaml"), "--ckpt", str(stage1_checkpoints["text"]),
+        f"--data.init_args.data_dir={data}", "--max-images", "8", "--steps", "4", "--permutations", "50"])
+    assert status == 0
+    assert (out / "voxel_maps" / "ig_model.nii.gz").is_file()
+    assert (out / "voxel_maps" / "ig_model_slices.png").is_file()
+    assert "voxel_maps/ig_model_slices.png" in (out / "report.html").read_text()
+    header = (out / "voxel_maps" / "roi_enrichment_ig_level0.csv").read_text().splitlines()[0].split(",")
+    assert {"FFA-1", "PPA", "EBA", "V1v", "hV4", "none"} <= set(header)
