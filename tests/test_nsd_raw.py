@@ -385,6 +385,8 @@ def test_interrupted_import_resumes(tiny_raw, tmp_path, monkeypatch):
     assert first.stat().st_mtime_ns == mtime  # finished shard kept
     assert _shards(out / "subj01") == _shards(reference / "subj01")
     assert not cache.exists() and not list(out.rglob("*.tmp"))
+    summary = import_nsd_raw(tiny_raw, out, [1], progress=False)  # complete: nothing read or rewritten
+    assert reads == [] and first.stat().st_mtime_ns == mtime and summary["subj01"]["sessions"] == 3
     with pytest.raises(DataFormatError, match="other options"):
         import_nsd_raw(tiny_raw, out, [1], normalise="train", progress=False)
 
