@@ -49,7 +49,7 @@ def describe_dataset(root: str | Path) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"subject": subject, **summarise(meta),
                                "normalisation": meta["normalisation"]["kind"],
                                "median_split_half_all_voxels": round(float(np.median(rel)), 3)}
-        if meta.get("voxel_roi"):
+        if meta.get("voxel_roi") and "unresponsive" in meta["voxel_roi"]["names"]:  # synthetic ground truth
             labels = np.load(meta_path.parent / meta["voxel_roi"]["labels"])
             responsive = labels != meta["voxel_roi"]["names"].index("unresponsive")
             row["median_split_half_responsive"] = round(float(np.median(rel[responsive])), 3)

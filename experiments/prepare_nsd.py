@@ -2,6 +2,8 @@
 
     python -m experiments.prepare_nsd --mindeye2-root SRC --out DST --subjects 1 2 5 7 [--sessions N]
         [--image-size 224] [--coco-categories JSON] [--renormalise]
+    python -m experiments.prepare_nsd --nsd-root NSD --out DST --subjects 1 2 [--glm ...] [--normalise ...]
+        (NSD's own raw files; options: python -m experiments.prepare_nsd --nsd-root X --help)
 
 Bounded memory, atomic and resumable (re-run the same command after an interruption). See datamodules/README.md.
 """
@@ -37,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--nsd-root" or a.startswith("--nsd-root=") for a in argv):  # raw NSD importer
+        from experiments.prepare_nsd_raw import main as raw_main
+
+        return raw_main(argv)
     args = build_parser().parse_args(argv)
     summary = import_mindeye2(args.mindeye2_root, args.out, args.subjects, sessions=args.sessions,
                               image_size=args.image_size, image_format=args.image_format,

@@ -54,6 +54,7 @@ class RoiInfo:
     affine: np.ndarray | None = None
     labels: np.ndarray | None = None
     names: list[str] = field(default_factory=list)
+    background: np.ndarray | None = None  # the subject's mean volume on the mask's grid (raw NSD imports)
 
     @property
     def voxel_positions(self) -> np.ndarray | None:
@@ -181,6 +182,9 @@ def load_roi_info(run: Stage1Run, subject: str) -> RoiInfo:
         mask = np.asarray(image.dataobj)
         if int((mask > 0).sum()) == int(meta["num_voxels"]):
             info.mask, info.affine = mask, np.asarray(image.affine)
+            if meta.get("mean_volume") and (folder / meta["mean_volume"]).is_file():
+                mean = np.asarray(nib.load(str(folder / meta["mean_volume"])).dataobj, dtype=np.float32)
+                info.background = mean if mean.shape == mask.shape else None
     if meta.get("voxel_roi") and (folder / meta["voxel_roi"]["labels"]).is_file():
         info.labels = np.load(folder / meta["voxel_roi"]["labels"]).astype(np.int64)
         info.names = list(meta["voxel_roi"]["names"])

@@ -107,6 +107,13 @@ def voxel_maps_analysis(moe: nn.Module, adapters: nn.Module, subject: str, test:
                         to_volume(maps.argmax(0)[None] + 1.0, roi)[..., 0], roi.affine)
         write_nifti(folder / "ig_model.nii.gz", to_volume(overall, roi)[..., 0], roi.affine)
     figures = ["voxel_maps/adapter_level0.png"]
+    if has_volume and roi.background is not None:  # a real subject: slices over its mean volume, ROI outlines
+        from experiments.interpretability.slices import slice_figure
+
+        slice_figure(overall[0], roi.mask, roi.affine, Path(out_dir) / "voxel_maps/ig_model_slices.png",
+                     f"{subject}: mean |integrated gradients| of the model", background=roi.background,
+                     roi_labels=roi.labels, roi_names=roi.names)
+        figures.append("voxel_maps/ig_model_slices.png")
     write_png(Path(out_dir) / figures[0], map_grid(projections(adapter_maps, roi),
                                                    [f"expert {e}" for e in range(len(adapter_maps))],
                                                    "level 0: gate-weighted |adapter weights|"))
