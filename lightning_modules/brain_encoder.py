@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric
 
 from datamodules.provenance import provenance
 from datamodules.shard_format import FORMAT_VERSION, subject_name
+from lightning_modules.checkpoint_files import load_checkpoint_data
 from lightning_modules.components.batched_layers import BatchedLayerNorm
 from lightning_modules.components.diffusion_prior import DiffusionPrior
 from lightning_modules.components.losses import (
@@ -168,7 +169,9 @@ class BrainEncoderModule(L.LightningModule):
         return sub[name].reshape(len(sub["nsd_id"]), -1)
 
     def _contrastive(self, preds: torch.Tensor, target: torch.Tensor, mix: tuple | None, progress: float):
-        p, t = F.normalize(preds, dim=-1), F.normalize(target, dim=-1)
+        """(N, D) preds and targets -> scalar BiMixCo (while mixing) or SoftCLIP loss, in float32 (autocast off)."""
+        with torch.autocast(device_type=preds.device.type, enabled=False):
+            p, t = F.normalize(preds.float(), dim=-1), F.normalize(target.float(), dim=-1)
         if mix is not None:
             return mixco_nce(p, t, self.hparams.mixco_temperature, *mix)
         start = self.hparams.mixup_pct
@@ -426,7 +429,7 @@ class BrainEncoderModule(L.LightningModule):
         """Load every weight from a stage-1 checkpoint except the adapters of ``new_subjects`` (kept fresh)."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"model.init_from: no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        state = load_checkpoint_data(path, "model.init_from")["state_dict"]
         fresh = tuple(f"adapters.adapters.{s}." for s in new_subjects)
         own = self.state_dict()
         load = {k: v for k, v in state.items() if k in own and not k.startswith(fresh)}

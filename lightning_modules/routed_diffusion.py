@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric
 
 from datamodules.provenance import provenance
 from datamodules.shard_format import FORMAT_VERSION, subject_name
+from lightning_modules.checkpoint_files import load_checkpoint_data
 from lightning_modules.components.brain_prompt import BrainPrompt, PooledMode, PromptMode
 from lightning_modules.components.diffusion_loss import min_snr_weights, per_sample_mse
 from lightning_modules.components.injection import (
@@ -238,7 +239,7 @@ class RoutedDiffusionModule(L.LightningModule):
         """Load the stored parts (LoRA, routers, projections, ...) of another stage-2 checkpoint."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"model.init_from: no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        state = load_checkpoint_data(path, "model.init_from")["state_dict"]
         expected = self.stored_names()
         missing = sorted(expected - set(state))
         if missing:
