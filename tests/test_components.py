@@ -253,3 +253,22 @@ def test_cosine_helpers():
     assert cosine_loss(a, -a).item() == pytest.approx(2.0)
     assert cosine_anneal(1.0, 3.0, 0.0) == 1.0 and cosine_anneal(1.0, 3.0, 1.0) == 3.0
     assert cosine_anneal(1.0, 3.0, 0.5) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("steps", [10, 30, 100])
+def test_prior_sampling_starts_at_the_last_training_timestep(steps):
+    """Trailing DDIM spacing: the first step denoises pure noise at t = T - 1 (leading spacing started at 90 of 100
+    for 10 steps) and the last reaches the clean sample."""
+    from lightning_modules.components.diffusion_prior import DiffusionPrior
+
+    prior = DiffusionPrior(embed_dim=8, num_layers=1, num_heads=2, head_dim=4, timesteps=100).eval()
+    seen = []
+    original = prior.predict_x0
+
+    def spy(noisy, timesteps, condition):
+        seen.append(int(timesteps[0]))
+        return original(noisy, timesteps, condition)
+
+    prior.predict_x0 = spy
+    prior.sample(torch.randn(2, 8), generator=torch.Generator().manual_seed(0), steps=steps, guidance_scale=1.0)
+    assert seen[0] == 99 and len(seen) == steps and seen == sorted(seen, reverse=True)
