@@ -59,6 +59,11 @@ class BrainEncoderModule(L.LightningModule):
         mixco_temperature: BiMixCo temperature; softclip_temperature: (start, end) cosine-annealed after mixup.
         supervise_levels: also supervise every level's clip sum, not only the level average.
         prior_inputs: what the prior is trained on: the level average (reference), each level sum, each expert.
+            Expert rows are detached: the prior learns to map expert embeddings (what stage 2 feeds it), the
+            experts are not pulled toward the whole CLIP target. Each kind is its own MSE term, so the level
+            average keeps the reference's full weight however many experts there are.
+        prior_expert_weight: weight of the expert rows' prior MSE term (the mean and level-sum terms weigh 1):
+            prior loss = MSE(mean) [+ MSE(level sums)] + prior_expert_weight * MSE(experts).
         lr, weight_decay, adamw_impl, lr_scheduler, onecycle_pct_start, onecycle_final_div: AdamW (no decay on
             biases and norms) with OneCycle as in the reference unless ``lr_scheduler`` is given.
         repeat_average: evaluation averages test repeats at the model ``output`` (MindEye2) or ``input``.
@@ -81,7 +86,7 @@ class BrainEncoderModule(L.LightningModule):
                  cos_scale: float = 0.5, mse_scale: float = 0.0, prior_clip_scale: float = 1.0,
                  balance_scale: float = 0.0, mixup_pct: float = 0.33, mixco_temperature: float = 0.03,
                  softclip_temperature: tuple[float, float] = (0.02, 0.0375), supervise_levels: bool = False,
-                 prior_inputs: list[PriorInput] | None = None, lr: float = 3e-4, weight_decay: float = 1e-2,
+                 prior_inputs: list[PriorInput] | None = None, prior_expert_weight: float = 1.0, lr: float = 3e-4, weight_decay: float = 1e-2,
                  adamw_impl: Literal["fused", "foreach", "plain"] = "fused",
                  lr_scheduler: LRSchedulerCallable | None = None, onecycle_pct_start: float | None = None,
                  onecycle_final_div: float = 1000.0, repeat_average: Literal["output", "input"] = "output",
@@ -178,16 +183,22 @@ class BrainEncoderModule(L.LightningModule):
         after = (progress - start) / max(1e-8, 1 - start)
         return soft_clip_loss(p, t, cosine_anneal(*self.hparams.softclip_temperature, after))
 
-    def _prior_conditions(self, out: MoEOutput) -> torch.Tensor:
-        parts = []
+    def _prior_conditions(self, out: MoEOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> conditions (B, n_inputs, D) in ``prior_inputs`` order (expert rows detached) and the weight of each
+        input row (n_inputs,) in the prior loss: every kind's rows share its weight (1, or ``prior_expert_weight``
+        for the experts), so each kind is one mean-MSE term."""
+        parts, weights = [], []
         for kind in self.prior_inputs:
             if kind == "mean":
-                parts.append(out.backbone_mean[:, None])
+                rows = out.backbone_mean[:, None]
             elif kind == "level_sums":
-                parts.append(out.backbone_level_sums)
+                rows = out.backbone_level_sums
             else:
-                parts.append(torch.cat(out.backbone, 1))
-        return torch.cat(parts, 1)  # (B, n_inputs, D)
+                rows = torch.cat(out.backbone, 1).detach()
+            parts.append(rows)
+            weight = self.hparams.prior_expert_weight if kind == "experts" else 1.0
+            weights.append(torch.full((rows.shape[1],), weight / rows.shape[1]))
+        return torch.cat(parts, 1), torch.cat(weights)
 
     def _losses(self, out: MoEOutput, target: torch.Tensor, mix: tuple | None, progress: float):
         h = self.hparams
@@ -200,11 +211,14 @@ class BrainEncoderModule(L.LightningModule):
             losses["mse"] = F.mse_loss(out.clip_mean, target)
             total = total + h.mse_scale * losses["mse"]
         if self.prior is not None:
-            cond = self._prior_conditions(out)
+            cond, row_weights = self._prior_conditions(out)
             n_inputs = cond.shape[1]
-            losses["prior"], pred = self.prior.loss(cond.reshape(-1, cond.shape[-1]),
-                                                    target.repeat_interleave(n_inputs, 0))
-            prior_out = pred.reshape(len(target), n_inputs, -1)[:, 0]
+            _, pred = self.prior.loss(cond.reshape(-1, cond.shape[-1]), target.repeat_interleave(n_inputs, 0))
+            pred = pred.reshape(len(target), n_inputs, -1)
+            with torch.autocast(device_type=pred.device.type, enabled=False):
+                per_row = (pred.float() - target[:, None].float()).pow(2).mean((0, 2))  # (n_inputs,)
+                losses["prior"] = (per_row * row_weights.to(per_row.device)).sum()
+            prior_out = pred[:, 0]
             losses["prior_cos"] = cosine_loss(prior_out, target)
             total = total + h.prior_scale * losses["prior"] + h.cos_scale * losses["prior_cos"]
             if h.prior_clip_scale:
