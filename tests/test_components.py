@@ -272,3 +272,24 @@ def test_prior_sampling_starts_at_the_last_training_timestep(steps):
     prior.predict_x0 = spy
     prior.sample(torch.randn(2, 8), generator=torch.Generator().manual_seed(0), steps=steps, guidance_scale=1.0)
     assert seen[0] == 99 and len(seen) == steps and seen == sorted(seen, reverse=True)
+
+
+def test_level0_identity_is_the_input_plus_learned_constants_as_in_the_reference():
+    moe = tiny_moe(level0="identity", num_blocks=4).eval()
+    expert = moe.experts[0]
+    assert sum(p.numel() for p in expert.parameters()) == 2 * 4 * 6  # the reference's 48 channel-block scalars
+    x = torch.randn(5, 2, 32)
+    shift = expert(x) - x
+    constant = expert(torch.zeros(1, 2, 32))  # (1, E, d): one value per expert, the same for every feature
+    assert torch.allclose(shift, constant.expand_as(shift), atol=1e-6)
+    assert torch.allclose(constant, constant[..., :1].expand_as(constant))
+    # the constant is what the reference's channel blocks compute: sum_k w2 * gelu(w1 * ln_bias + b1) + b2
+    e = expert
+    expected = (e.w2 * F.gelu(e.w1 * e.norm_bias + e.b1) + e.b2).sum(1)
+    assert torch.allclose(constant[0, :, 0], expected, atol=1e-6)
+    out = moe(torch.randn(4, 64))
+    out.clip_mean.sum().backward()
+    assert e.b2.grad is not None and e.b2.grad.abs().sum() > 0
+    assert tiny_moe().experts[0].__class__.__name__ == "BatchedResidualMLP"  # the default stays ours
+    with pytest.raises(ValueError, match="level0"):
+        tiny_moe(level0="linear")

@@ -8,7 +8,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lightning_modules.components.batched_layers import BatchedLinear, BatchedProjector, BatchedResidualMLP
+from lightning_modules.components.batched_layers import (
+    BatchedLinear,
+    BatchedProjector,
+    BatchedReferenceLevel0,
+    BatchedResidualMLP,
+)
 from lightning_modules.components.routers import ExpertChoiceRouter, RoutingResult, balance_loss
 
 
@@ -58,13 +63,19 @@ class HierarchicalMoE(nn.Module):
     children (2 -> 4 -> 8 -> 16 by default). Level-0 experts are residual MLPs at their input width
     (H / e0 * capacity_factor; MindEye2 blocks), deeper experts a Linear (reference) or a one-block residual MLP.
     Every expert has a ``backbone`` head Linear(h_l -> D) and a 3-layer ``clip`` projector head on top of it.
+
+    ``level0``: ``mlp`` (default) the working residual MLPs above; ``identity`` what the reference's level-0 experts
+    effectively compute, the routed input plus learned constants (``BatchedReferenceLevel0``), for faithful
+    comparisons.
     """
 
     def __init__(self, hidden_dim: int = 4096, out_dim: int = 1280, num_experts_0: int = 2, factor: int = 2,
                  num_levels: int = 4, capacity_factor: float = 1.0, num_blocks: int = 4, dropout: float = 0.15,
                  deep_expert: Literal["linear", "mlp"] = "linear", clip_hidden: int | None = None,
-                 gate_init: float = 1e-4, noise_std: float = 1e-3):
+                 gate_init: float = 1e-4, noise_std: float = 1e-3, level0: Literal["mlp", "identity"] = "mlp"):
         super().__init__()
+        if level0 not in ("mlp", "identity"):
+            raise ValueError(f"model.moe level0 {level0!r}: choose mlp or identity")
         self.hidden_dim, self.out_dim, self.num_levels = hidden_dim, out_dim, num_levels
         self.routers, self.experts = nn.ModuleList(), nn.ModuleList()
         self.backbone_heads, self.clip_heads = nn.ModuleList(), nn.ModuleList()
@@ -74,7 +85,9 @@ class HierarchicalMoE(nn.Module):
         for level in range(num_levels):
             router = ExpertChoiceRouter(parents, children, units, capacity_factor, gate_init, noise_std)
             experts_here, width = parents * children, router.capacity
-            if level == 0:
+            if level == 0 and level0 == "identity":
+                expert = BatchedReferenceLevel0(experts_here, num_blocks, dropout)
+            elif level == 0:
                 expert = BatchedResidualMLP(experts_here, width, num_blocks, dropout)
             elif deep_expert == "mlp":
                 expert = BatchedResidualMLP(experts_here, width, 1, dropout)
