@@ -7,6 +7,7 @@ Batches follow ``datamodules/README.md``; the target is the joined cache named `
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -371,9 +372,31 @@ class BrainEncoderModule(L.LightningModule):
 
     # ------------------------------------------------------------------ transfer and provenance
     def setup(self, stage: str) -> None:
+        self.check_target_widths(getattr(self.trainer, "datamodule", None) if self._trainer is not None else None)
         if stage == "fit" and self.hparams.init_from and not getattr(self, "_initialised_from", False):
             self.load_from_stage1(self.hparams.init_from, self.new_subjects)
             self._initialised_from = True
+
+    def check_target_widths(self, datamodule: Any) -> None:
+        """Every target the model reads (``target``: (N, moe.out_dim); ``token_target``: (N, T * C) of the token
+        head) exists in the data module's caches with that flattened width, else one error naming the target key,
+        the cache and both widths (whatever ``data.target_shapes`` says, or without it)."""
+        caches = getattr(datamodule, "targets", None)
+        if not isinstance(caches, dict):
+            return
+        expected = {("model.target", self.hparams.target): self.moe.out_dim}
+        if self.token_head is not None:
+            expected[("model.token_target", self.hparams.token_target)] = (self.token_head.num_tokens
+                                                                           * self.token_head.token_dim)
+        for (option, name), width in expected.items():
+            if name not in caches:
+                raise ValueError(f"{option} {name!r} is not among data.targets {sorted(caches)}: add it there")
+            shape = tuple(getattr(caches[name], "shape", ()))
+            got = int(math.prod(shape)) if shape else None
+            if got is not None and got != width:
+                raise ValueError(f"{option} {name!r}: the target cache {getattr(caches[name], 'directory', '?')} "
+                                 f"holds {got}-wide items (shape {list(shape)}), the model predicts {width}: "
+                                 "recompute the cache with the model the config names, or fix the model's width")
 
     def parts(self) -> dict[str, list[nn.Module]]:
         """The module groups ``trainable`` names, by reference (a part may be empty, e.g. no prior)."""
@@ -447,6 +470,17 @@ class BrainEncoderModule(L.LightningModule):
         fresh = tuple(f"adapters.adapters.{s}." for s in new_subjects)
         own = self.state_dict()
         load = {k: v for k, v in state.items() if k in own and not k.startswith(fresh)}
+        for subject in self.num_voxels:  # the adapters' input widths: voxel counts, named as such
+            for key in (f"adapters.adapters.{subject}.weight", f"adapters.adapters.{subject}.0.weight"):
+                if key in load and load[key].shape[-1] != own[key].shape[-1]:
+                    raise ValueError(f"model.init_from {path}: {subject} has {load[key].shape[-1]} voxels there "
+                                     f"but {own[key].shape[-1]} in the data; list {subject} in model.new_subjects "
+                                     "for a fresh adapter, or use the data the checkpoint was trained on")
+        wrong = [f"{k} {list(v.shape)} (here {list(own[k].shape)})" for k, v in load.items()
+                 if v.shape != own[k].shape]
+        if wrong:
+            raise ValueError(f"model.init_from {path} has other shapes: {', '.join(wrong[:3])}: a different "
+                             "architecture (model.moe, model.prior, model.b_size)?")
         missing = [k for k in own if k not in load and not k.startswith(fresh)]
         if missing:
             raise ValueError(f"model.init_from {path} lacks {missing[:4]}{'...' if len(missing) > 4 else ''}: "

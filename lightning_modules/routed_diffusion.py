@@ -189,7 +189,7 @@ class RoutedDiffusionModule(L.LightningModule):
             for encoder, option in ((self.image_encoder, "model.image_encoder"),
                                     (self.text_encoder, "model.text_encoder")):
                 if encoder is not None:
-                    encoder.check_subjects(list(num_voxels), option)
+                    encoder.check_subjects(dict(num_voxels), option)
         self.val_timesteps = list(val_timesteps or [100, 300, 500, 700, 900])
         self.val_loss = MeanMetric()
         self.val_loss_at = torch.nn.ModuleList(MeanMetric() for _ in self.val_timesteps)

@@ -86,11 +86,18 @@ class FrozenStage1(nn.Module):
     def train(self, mode: bool = True) -> FrozenStage1:
         return super().train(False)
 
-    def check_subjects(self, subjects: list[str], option: str) -> None:
+    def check_subjects(self, subjects: list[str] | dict[str, int], option: str) -> None:
+        """Every data subject has an adapter here; given ``{subject: voxel count}``, with that many voxels."""
         unknown = [s for s in subjects if subject_name(s) not in self.num_voxels]
         if unknown:
             raise ValueError(f"{option}: {self.checkpoint} has no adapter for {unknown} (it knows "
                              f"{sorted(self.num_voxels)}); train stage 1 on them or transfer it first")
+        if isinstance(subjects, dict):
+            for s, count in subjects.items():
+                own = self.num_voxels[subject_name(s)]
+                if int(count) != own:
+                    raise ValueError(f"{option}: {subject_name(s)} has {own} voxels in {self.checkpoint} but "
+                                     f"{int(count)} in the data: use the stage-1 checkpoint trained on this data")
 
     def _experts(self, voxels: torch.Tensor, subject: str) -> torch.Tensor:
         """(n, V) -> (n, sum E, D) expert embeddings before the prior."""

@@ -45,3 +45,44 @@ def test_mean_and_expert_rows_are_weighted_as_prior_expert_weight_says(weight):
     out = model.moe(model.adapters(torch.randn(6, 20), "subj01"))
     got = model._losses(out, torch.randn(6, 8), None, 0.5)["prior"]
     assert got.item() == pytest.approx(1 + weight * 4, rel=1e-6)
+
+
+def test_a_checkpoint_with_other_voxel_counts_names_the_subject_and_both_counts(stage1_checkpoints):
+    import copy
+
+    source = BrainEncoderModule.load_from_checkpoint(stage1_checkpoints["image"], map_location="cpu",
+                                                     weights_only=True)
+    model = BrainEncoderModule(copy.deepcopy(source.moe), copy.deepcopy(source.prior),
+                               num_voxels={"subj01": 123, "subj02": 240, "subj03": 360},
+                               prior_inputs=["mean", "experts"])
+    with pytest.raises(ValueError, match=r"model.init_from .*subj01 has 300 voxels there but 123 in the data"):
+        model.load_from_stage1(str(stage1_checkpoints["image"]), [])
+    model.load_from_stage1(str(stage1_checkpoints["image"]), ["subj01"])  # a fresh adapter is fine
+
+
+def test_stage2s_frozen_encoders_name_the_subject_and_both_voxel_counts(tiny_models, stage1_checkpoints):
+    from tests.test_stage2_module import build
+
+    with pytest.raises(ValueError, match=r"model.image_encoder: subj01 has 300 voxels in .* but 123 in the data"):
+        build(tiny_models, stage1_checkpoints, num_voxels={"subj01": 123})
+
+
+@pytest.mark.parametrize("shapes", [False, True])
+def test_a_target_cache_of_another_width_is_refused_in_setup(shapes, small_data, targets, tmp_path):
+    """The tiny config predicts 32-wide targets; a 16-wide cache is refused when the fit starts (not as a size
+    mismatch inside validation_step), with or without data.target_shapes."""
+    import numpy as np
+
+    from datamodules.target_cache import write_target_cache
+    from experiments.run import cli_main
+    from tests.test_stage1_cli import overrides
+
+    ids = np.load(targets / "clip_text" / "ids.npy")
+    narrow = tmp_path / "narrow"
+    write_target_cache(narrow, ids, np.zeros((len(ids), 16), np.float32), model="narrow", layer="test")
+    extra = [f"--data.init_args.targets={{clip_text: {narrow}}}", "--trainer.max_epochs=1"]
+    if shapes:
+        extra.append("--data.init_args.target_shapes={clip_text: [16]}")
+    with pytest.raises(ValueError, match=rf"model.target 'clip_text': the target cache {narrow} holds 16-wide "
+                                         r"items .*the model predicts 32"):
+        cli_main(["fit", *overrides(small_data, tmp_path, *extra)])
