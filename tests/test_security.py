@@ -25,7 +25,8 @@ def _project_files() -> list[Path]:
 
 
 def _unsafe_loads(source: str) -> list[int]:
-    """Lines of ``torch.load`` / ``load_from_checkpoint`` / ``pl_load`` calls without ``weights_only=True``."""
+    """Lines of ``torch.load`` / ``load_from_checkpoint`` / ``pl_load`` calls without ``weights_only=True``, and of
+    any ``pickle.load`` or ``allow_pickle`` load."""
     lines = []
     for node in ast.walk(ast.parse(source)):
         if not isinstance(node, ast.Call):
@@ -33,9 +34,12 @@ def _unsafe_loads(source: str) -> list[int]:
         func = node.func
         name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
         owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else None
-        if (name == "load" and owner == "torch") or name in ("load_from_checkpoint", "pl_load", "_load"):
-            if name == "_load" and owner not in ("cloud_io",):
-                continue
+        if name in ("load", "loads") and owner in ("pickle", "dill", "joblib"):
+            lines.append(node.lineno)  # never a pickle
+        elif any(k.arg == "allow_pickle" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+                 for k in node.keywords):
+            lines.append(node.lineno)
+        elif (name == "load" and owner == "torch") or name in ("load_from_checkpoint", "pl_load"):
             safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
                        for k in node.keywords)
             if not safe:
@@ -48,7 +52,9 @@ def test_every_project_torch_load_is_weights_only():
     assert len(files) > 50
     offenders = {str(p.relative_to(REPO)): lines for p in files if (lines := _unsafe_loads(p.read_text()))}
     assert not offenders, f"torch.load / load_from_checkpoint without weights_only=True: {offenders}"
-    assert _unsafe_loads("import torch\ntorch.load(p, weights_only=False)\n") == [2]  # the check itself works
+    # the check itself works
+    assert _unsafe_loads("import torch\ntorch.load(p, weights_only=False)\nM.load_from_checkpoint(p)\n") == [2, 3]
+    assert _unsafe_loads("pickle.load(f)\nnp.load(p, allow_pickle=True)\nnp.load(p)\n") == [1, 2]
 
 
 class _Payload:
