@@ -28,7 +28,8 @@ directory. ModelCheckpoint deletes its previous ``latest-*.ckpt`` *before* it re
 a run killed in between would otherwise leave ``last.ckpt`` dangling, and ``--ckpt_path last`` silently ignores
 a dangling link: the run would start again from scratch.
 
-Loading: a missing file, a dangling link, an empty file, a file that is not a complete zip archive (a torch
+Loading is always ``weights_only=True`` (whatever the caller asks): a file whose pickle needs more than tensors
+and plain data is refused naming ``--ckpt_path``, its payload never runs. A missing file, a dangling link, an empty file, a file that is not a complete zip archive (a torch
 checkpoint ends with the zip central directory, so a truncated one has none) or (``verify``, default on) one whose
 stored CRC-32 does not match a member (torch itself does not check them: a flipped bit loads silently) raises
 ``ValueError: checkpoint <path> is corrupt or truncated (<what>): delete it or pass another --ckpt_path`` instead
@@ -41,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import re
 import zipfile
 from collections.abc import Callable, Iterator
@@ -53,6 +55,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from datamodules.atomic import TMP_SUFFIX
+from lightning_modules.checkpoint_files import refusal
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +204,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     # ------------------------------------------------------------------ load
     def load_checkpoint(self, path: _PATH, map_location: Callable | None = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
+        weights_only = True  # a checkpoint is data, never code: no file may run a pickle payload here
         if not _is_local_file_protocol(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         file = Path(path)
@@ -215,6 +219,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except (ImportError, MemoryError):
             raise  # a missing class or too little memory is no property of the file
+        except pickle.UnpicklingError as exc:
+            refuse_if_damaged(file, self.verify)
+            raise refusal("--ckpt_path", describe(file), exc) from None
         except Exception:
             refuse_if_damaged(file, self.verify)
             raise

@@ -58,7 +58,7 @@ def stage2_rows(init_args: dict, embed_dim: int = 1280, num_experts: tuple[int, 
         ip_tokens=init_args.get("ip_tokens", 4),
         lora_rank=init_args.get("lora_rank", 16), lora_alpha=init_args.get("lora_alpha", 16),
         lora_targets=init_args.get("lora_targets"),
-        ip_trainable=(not weights) if trainable is None else bool(trainable),
+        ip_adapter_loaded=bool(weights), ip_adapter_trainable=trainable,
         prompt_mode=init_args.get("prompt_mode", "reference"), pooled_text=init_args.get("pooled_text", "zeros"),
         trainable=init_args.get("trainable"))
     return rows, source

@@ -11,6 +11,7 @@ saved beside the logs (overwritten on re-runs) and stored in every checkpoint's 
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from unittest import mock
 
@@ -21,6 +22,7 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from callbacks.atomic_checkpoint_io import refuse_if_damaged  # noqa: E402
+from lightning_modules.checkpoint_files import refusal  # noqa: E402
 
 
 def num_voxels_of(datamodule) -> dict[str, int]:
@@ -39,9 +41,13 @@ class MoreBrainCLI(LightningCLI):
         """LightningCLI ``torch.load``s a ``--ckpt_path`` file itself (for its hyperparameters) before the Trainer and
         its CheckpointIO exist: a damaged file would fail there with a zip/pickle traceback; name it instead."""
         try:
-            super()._parse_ckpt_path()
+            super()._parse_ckpt_path()  # torch.load(..., weights_only=True): a pickle payload never runs
         except (SystemExit, KeyboardInterrupt, ImportError, MemoryError):
             raise
+        except pickle.UnpicklingError as exc:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            refuse_if_damaged(path)
+            raise refusal("--ckpt_path", path, exc) from None
         except Exception:
             refuse_if_damaged(self.config[self.config.subcommand].get("ckpt_path"))
             raise

@@ -7,6 +7,7 @@ Batches follow ``datamodules/README.md``; the target is the joined cache named `
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from torchmetrics import MeanMetric
 
 from datamodules.provenance import provenance
 from datamodules.shard_format import FORMAT_VERSION, subject_name
+from lightning_modules.checkpoint_files import load_checkpoint_data
 from lightning_modules.components.batched_layers import BatchedLayerNorm
 from lightning_modules.components.diffusion_prior import DiffusionPrior
 from lightning_modules.components.losses import (
@@ -59,6 +61,11 @@ class BrainEncoderModule(L.LightningModule):
         mixco_temperature: BiMixCo temperature; softclip_temperature: (start, end) cosine-annealed after mixup.
         supervise_levels: also supervise every level's clip sum, not only the level average.
         prior_inputs: what the prior is trained on: the level average (reference), each level sum, each expert.
+            Expert rows are detached: the prior learns to map expert embeddings (what stage 2 feeds it), the
+            experts are not pulled toward the whole CLIP target. Each kind is its own MSE term, so the level
+            average keeps the reference's full weight however many experts there are.
+        prior_expert_weight: weight of the expert rows' prior MSE term (the mean and level-sum terms weigh 1):
+            prior loss = MSE(mean) [+ MSE(level sums)] + prior_expert_weight * MSE(experts).
         lr, weight_decay, adamw_impl, lr_scheduler, onecycle_pct_start, onecycle_final_div: AdamW (no decay on
             biases and norms) with OneCycle as in the reference unless ``lr_scheduler`` is given.
         repeat_average: evaluation averages test repeats at the model ``output`` (MindEye2) or ``input``.
@@ -81,7 +88,7 @@ class BrainEncoderModule(L.LightningModule):
                  cos_scale: float = 0.5, mse_scale: float = 0.0, prior_clip_scale: float = 1.0,
                  balance_scale: float = 0.0, mixup_pct: float = 0.33, mixco_temperature: float = 0.03,
                  softclip_temperature: tuple[float, float] = (0.02, 0.0375), supervise_levels: bool = False,
-                 prior_inputs: list[PriorInput] | None = None, lr: float = 3e-4, weight_decay: float = 1e-2,
+                 prior_inputs: list[PriorInput] | None = None, prior_expert_weight: float = 1.0, lr: float = 3e-4, weight_decay: float = 1e-2,
                  adamw_impl: Literal["fused", "foreach", "plain"] = "fused",
                  lr_scheduler: LRSchedulerCallable | None = None, onecycle_pct_start: float | None = None,
                  onecycle_final_div: float = 1000.0, repeat_average: Literal["output", "input"] = "output",
@@ -175,23 +182,31 @@ class BrainEncoderModule(L.LightningModule):
         return sub[name].reshape(len(sub["nsd_id"]), -1)
 
     def _contrastive(self, preds: torch.Tensor, target: torch.Tensor, mix: tuple | None, progress: float):
-        p, t = F.normalize(preds, dim=-1), F.normalize(target, dim=-1)
+        """(N, D) preds and targets -> scalar BiMixCo (while mixing) or SoftCLIP loss, in float32 (autocast off)."""
+        with torch.autocast(device_type=preds.device.type, enabled=False):
+            p, t = F.normalize(preds.float(), dim=-1), F.normalize(target.float(), dim=-1)
         if mix is not None:
             return mixco_nce(p, t, self.hparams.mixco_temperature, *mix)
         start = self.hparams.mixup_pct
         after = (progress - start) / max(1e-8, 1 - start)
         return soft_clip_loss(p, t, cosine_anneal(*self.hparams.softclip_temperature, after))
 
-    def _prior_conditions(self, out: MoEOutput) -> torch.Tensor:
-        parts = []
+    def _prior_conditions(self, out: MoEOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> conditions (B, n_inputs, D) in ``prior_inputs`` order (expert rows detached) and the weight of each
+        input row (n_inputs,) in the prior loss: every kind's rows share its weight (1, or ``prior_expert_weight``
+        for the experts), so each kind is one mean-MSE term."""
+        parts, weights = [], []
         for kind in self.prior_inputs:
             if kind == "mean":
-                parts.append(out.backbone_mean[:, None])
+                rows = out.backbone_mean[:, None]
             elif kind == "level_sums":
-                parts.append(out.backbone_level_sums)
+                rows = out.backbone_level_sums
             else:
-                parts.append(torch.cat(out.backbone, 1))
-        return torch.cat(parts, 1)  # (B, n_inputs, D)
+                rows = torch.cat(out.backbone, 1).detach()
+            parts.append(rows)
+            weight = self.hparams.prior_expert_weight if kind == "experts" else 1.0
+            weights.append(torch.full((rows.shape[1],), weight / rows.shape[1]))
+        return torch.cat(parts, 1), torch.cat(weights)
 
     def _losses(self, out: MoEOutput, target: torch.Tensor, mix: tuple | None, progress: float):
         h = self.hparams
@@ -204,11 +219,14 @@ class BrainEncoderModule(L.LightningModule):
             losses["mse"] = F.mse_loss(out.clip_mean, target)
             total = total + h.mse_scale * losses["mse"]
         if self.prior is not None:
-            cond = self._prior_conditions(out)
+            cond, row_weights = self._prior_conditions(out)
             n_inputs = cond.shape[1]
-            losses["prior"], pred = self.prior.loss(cond.reshape(-1, cond.shape[-1]),
-                                                    target.repeat_interleave(n_inputs, 0))
-            prior_out = pred.reshape(len(target), n_inputs, -1)[:, 0]
+            _, pred = self.prior.loss(cond.reshape(-1, cond.shape[-1]), target.repeat_interleave(n_inputs, 0))
+            pred = pred.reshape(len(target), n_inputs, -1)
+            with torch.autocast(device_type=pred.device.type, enabled=False):
+                per_row = (pred.float() - target[:, None].float()).pow(2).mean((0, 2))  # (n_inputs,)
+                losses["prior"] = (per_row * row_weights.to(per_row.device)).sum()
+            prior_out = pred[:, 0]
             losses["prior_cos"] = cosine_loss(prior_out, target)
             total = total + h.prior_scale * losses["prior"] + h.cos_scale * losses["prior_cos"]
             if h.prior_clip_scale:
@@ -361,9 +379,31 @@ class BrainEncoderModule(L.LightningModule):
 
     # ------------------------------------------------------------------ transfer and provenance
     def setup(self, stage: str) -> None:
+        self.check_target_widths(getattr(self.trainer, "datamodule", None) if self._trainer is not None else None)
         if stage == "fit" and self.hparams.init_from and not getattr(self, "_initialised_from", False):
             self.load_from_stage1(self.hparams.init_from, self.new_subjects)
             self._initialised_from = True
+
+    def check_target_widths(self, datamodule: Any) -> None:
+        """Every target the model reads (``target``: (N, moe.out_dim); ``token_target``: (N, T * C) of the token
+        head) exists in the data module's caches with that flattened width, else one error naming the target key,
+        the cache and both widths (whatever ``data.target_shapes`` says, or without it)."""
+        caches = getattr(datamodule, "targets", None)
+        if not isinstance(caches, dict):
+            return
+        expected = {("model.target", self.hparams.target): self.moe.out_dim}
+        if self.token_head is not None:
+            expected[("model.token_target", self.hparams.token_target)] = (self.token_head.num_tokens
+                                                                           * self.token_head.token_dim)
+        for (option, name), width in expected.items():
+            if name not in caches:
+                raise ValueError(f"{option} {name!r} is not among data.targets {sorted(caches)}: add it there")
+            shape = tuple(getattr(caches[name], "shape", ()))
+            got = int(math.prod(shape)) if shape else None
+            if got is not None and got != width:
+                raise ValueError(f"{option} {name!r}: the target cache {getattr(caches[name], 'directory', '?')} "
+                                 f"holds {got}-wide items (shape {list(shape)}), the model predicts {width}: "
+                                 "recompute the cache with the model the config names, or fix the model's width")
 
     def parts(self) -> dict[str, list[nn.Module]]:
         """The module groups ``trainable`` names, by reference (a part may be empty, e.g. no prior)."""
@@ -433,10 +473,21 @@ class BrainEncoderModule(L.LightningModule):
         """Load every weight from a stage-1 checkpoint except the adapters of ``new_subjects`` (kept fresh)."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"model.init_from: no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        state = load_checkpoint_data(path, "model.init_from")["state_dict"]
         fresh = tuple(f"adapters.adapters.{s}." for s in new_subjects)
         own = self.state_dict()
         load = {k: v for k, v in state.items() if k in own and not k.startswith(fresh)}
+        for subject in self.num_voxels:  # the adapters' input widths: voxel counts, named as such
+            for key in (f"adapters.adapters.{subject}.weight", f"adapters.adapters.{subject}.0.weight"):
+                if key in load and load[key].shape[-1] != own[key].shape[-1]:
+                    raise ValueError(f"model.init_from {path}: {subject} has {load[key].shape[-1]} voxels there "
+                                     f"but {own[key].shape[-1]} in the data; list {subject} in model.new_subjects "
+                                     "for a fresh adapter, or use the data the checkpoint was trained on")
+        wrong = [f"{k} {list(v.shape)} (here {list(own[k].shape)})" for k, v in load.items()
+                 if v.shape != own[k].shape]
+        if wrong:
+            raise ValueError(f"model.init_from {path} has other shapes: {', '.join(wrong[:3])}: a different "
+                             "architecture (model.moe, model.prior, model.b_size)?")
         missing = [k for k in own if k not in load and not k.startswith(fresh)]
         if missing:
             raise ValueError(f"model.init_from {path} lacks {missing[:4]}{'...' if len(missing) > 4 else ''}: "

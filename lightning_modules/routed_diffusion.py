@@ -5,8 +5,8 @@ through the frozen stage-1 prior). Per denoising step: spatial router (noisy lat
 weights over each level's experts, (B, G, E_l)), temporal router (timestep sinusoid -> weights over levels,
 (B, L)) -> tokens (B, G or 1, D) per branch. Image tokens are projected to the cross-attention width and attended
 through decoupled (IP-Adapter style, optionally regional) attention in every cross-attention layer; text tokens
-become the prompt embeddings. Trained: UNet LoRA (peft), routers, projections, IP key/value (unless loaded from
-IP-Adapter weights); everything else is frozen by ``requires_grad_(False)``, never by ``torch.no_grad`` around a
+become the prompt embeddings. Trained: UNet LoRA (peft), routers, projections, IP key/value and image projection
+(unless loaded from IP-Adapter weights; ``lightning_modules.stage2_parts`` is the one definition); everything else is frozen by ``requires_grad_(False)``, never by ``torch.no_grad`` around a
 trained path. Checkpoints hold only the trained parameters.
 """
 
@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric
 
 from datamodules.provenance import provenance
 from datamodules.shard_format import FORMAT_VERSION, subject_name
+from lightning_modules.checkpoint_files import load_checkpoint_data
 from lightning_modules.components.brain_prompt import BrainPrompt, PooledMode, PromptMode
 from lightning_modules.components.diffusion_loss import min_snr_weights, per_sample_mse
 from lightning_modules.components.injection import (
@@ -38,11 +39,16 @@ from lightning_modules.routed_sampling import SamplerName, sample_latents
 from lightning_modules.run_records import write_run_record
 from lightning_modules.sdxl_loading import DTYPES, encode_prompt, load_sdxl
 from lightning_modules.stage1_conditions import FrozenStage1
+from lightning_modules.stage2_parts import (  # noqa: F401 - PARTS: importable from here as before
+    PARTS,
+    Stage2Part,
+    apply_trainable,
+    stage2_parts,
+    trained_and_stored,
+)
 
 REFERENCE_NEGATIVE = ("low quality, blurry, deformed, bad anatomy, disfigured, poorly drawn, mutated, extra limbs")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
-Stage2Part = Literal["lora", "routers", "projections", "ip_attention"]
-PARTS: tuple[Stage2Part, ...] = ("lora", "routers", "projections", "ip_attention")
 
 
 class RoutedDiffusionModule(L.LightningModule):
@@ -55,8 +61,8 @@ class RoutedDiffusionModule(L.LightningModule):
         prior_steps / prior_guidance / prior_seed: the deterministic prior sampler (branches with source prior).
         repeat_average: how evaluation repeats are averaged (``embeddings`` before the prior, or ``input``).
         ip_tokens: tokens per routed image token (4 = IP-Adapter SDXL); ip_scale: weight of the image attention;
-        ip_adapter_weights: IP-Adapter file to start from; ip_adapter_trainable: train the IP projection and key /
-            value weights (default: only when not loaded).
+        ip_adapter_weights: IP-Adapter file to start from; ip_adapter_trainable: train its image projection and key /
+            value weights (default: only when not loaded; loaded and not trainable, both stay as loaded).
         prompt_mode / pooled_text / sos_prompt: text branch prompt construction (``BrainPrompt``).
         lora_rank / lora_alpha / lora_targets / lora_init: UNet LoRA (peft).
         resolution: training and generation size in pixels (default: the stored image size); time_ids say it.
@@ -83,7 +89,9 @@ class RoutedDiffusionModule(L.LightningModule):
         shuffle_conditions: a control: every image is conditioned on another image's brain (expert rows rolled by
             one within each batch), the chance level measured on the same data.
         trainable: the parts trained, by module reference (``parts()``): ``lora``, ``routers`` (temporal and
-            spatial), ``projections`` (image token projection, brain prompt) and ``ip_attention`` (IP key / value).
+            spatial), ``projections`` (brain prompt, and the image token projection unless loaded from IP-Adapter
+            weights) and ``ip_attention`` (IP key / value, and the image projection when loaded from IP-Adapter
+            weights: the IP-Adapter file's two halves go together).
             Default: lora, routers, projections, and ip_attention unless loaded from IP-Adapter weights (see
             ip_adapter_trainable). Transfer: ``[routers]`` or ``[routers, projections]``. Checkpoints hold every
             part that is trained by default or here, so a transfer checkpoint is complete on its own.
@@ -152,8 +160,6 @@ class RoutedDiffusionModule(L.LightningModule):
             self.image_projection = ImageTokenProjection(self.image_encoder.embed_dim, cross_dim, ip_tokens)
             if ip_adapter_weights:
                 load_ip_adapter_weights(ip_adapter_weights, self.image_projection, self.ip_processors)
-        ip_trainable = image_branch is not None and (
-            (not ip_adapter_weights) if ip_adapter_trainable is None else ip_adapter_trainable)
 
         prompt_embeds, pooled = encode_prompt(parts, sos_prompt)
         negative_embeds, negative_pooled = encode_prompt(parts, negative_prompt)
@@ -182,20 +188,10 @@ class RoutedDiffusionModule(L.LightningModule):
         self.unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=lora_init,
                                          target_modules=list(lora_targets or LORA_TARGETS)))
         # after add_adapter: peft leaves only the LoRA weights of the UNet trainable; the parts decide the rest
-        default: list[str] = ["lora", "routers", "projections"] + (["ip_attention"] if ip_trainable else [])
-        unknown = sorted(set(trainable or []) - set(PARTS))
-        if unknown:
-            raise ValueError(f"model.trainable: unknown parts {unknown}; choose from {list(PARTS)}")
-        self.trainable = [p for p in PARTS if p in (default if trainable is None else trainable)]
-        self.stored_parts = [p for p in PARTS if p in default or p in self.trainable]
-        parts = self.parts()
-        for name in self.stored_parts:
-            for module in parts[name]:
-                for p in module.parameters():
-                    p.data = p.data.float()
-        for name, modules in parts.items():
-            for module in modules:
-                module.requires_grad_(name in self.trainable)
+        # (lightning_modules.stage2_parts: the one definition the parameter report uses too)
+        self.trainable, self.stored_parts = trained_and_stored(image_branch is not None, bool(ip_adapter_weights),
+                                                               ip_adapter_trainable, trainable)
+        apply_trainable(self.parts(), self.trainable, self.stored_parts)
         if not any(p.requires_grad for p in self.parameters()):
             raise ValueError(f"model.trainable {self.trainable} selects no parameters for these branches")
         if gradient_checkpointing:
@@ -204,7 +200,7 @@ class RoutedDiffusionModule(L.LightningModule):
             for encoder, option in ((self.image_encoder, "model.image_encoder"),
                                     (self.text_encoder, "model.text_encoder")):
                 if encoder is not None:
-                    encoder.check_subjects(list(num_voxels), option)
+                    encoder.check_subjects(dict(num_voxels), option)
         if not 0.0 <= condition_dropout < 1.0:
             raise ValueError(f"model.condition_dropout must be in [0, 1), got {condition_dropout}")
         self.condition_tables: dict[str, ConditionTable] = {}
@@ -222,15 +218,11 @@ class RoutedDiffusionModule(L.LightningModule):
         self.skip_ids: dict[str, set[int]] = {}  # predict: images already written (set by the writer callback)
 
     def parts(self) -> dict[str, list[torch.nn.Module]]:
-        """The module groups ``trainable`` names, by reference: LoRA A/B of every peft LoRA layer, the branch
-        routers, the token projections and the IP attention processors."""
-        from peft.tuners.lora import LoraLayer
-
-        lora = [m for layer in self.unet.modules() if isinstance(layer, LoraLayer)
-                for m in (layer.lora_A, layer.lora_B)]
-        return {"lora": lora, "routers": [r for r in (self.image_router, self.text_router) if r is not None],
-                "projections": [m for m in (self.image_projection, self.brain_prompt) if m is not None],
-                "ip_attention": list(self.ip_processors)}
+        """The module groups ``trainable`` names, by reference (``stage2_parts``): LoRA A/B of every peft LoRA
+        layer, the branch routers, the token projections and the IP-Adapter (IP key / value, and its image
+        projection when loaded from ``ip_adapter_weights``)."""
+        return stage2_parts(self.unet, (self.image_router, self.text_router), self.image_projection,
+                            self.brain_prompt, self.ip_processors, bool(self.hparams.ip_adapter_weights))
 
     def stored_names(self) -> set[str]:
         """Parameter names of the parts a checkpoint holds."""
@@ -260,7 +252,7 @@ class RoutedDiffusionModule(L.LightningModule):
         """Load the stored parts (LoRA, routers, projections, ...) of another stage-2 checkpoint."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"model.init_from: no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        state = load_checkpoint_data(path, "model.init_from")["state_dict"]
         expected = self.stored_names()
         missing = sorted(expected - set(state))
         if missing:

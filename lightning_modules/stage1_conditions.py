@@ -8,6 +8,7 @@ training and inference; it is frozen and outside autograd (everything after it, 
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Literal
 
@@ -15,17 +16,21 @@ import torch
 from torch import nn
 
 from datamodules.shard_format import subject_name
+from lightning_modules.checkpoint_files import refusal
 
 
-def _load_stage1(cls, checkpoint: str):
-    """``cls.load_from_checkpoint`` with Lightning's CLI hyperparameter context cleared: LightningCLI hands the
+def _load_stage1(cls, checkpoint: str, option: str = "checkpoint"):
+    """``cls.load_from_checkpoint`` (``weights_only=True``: a file needing more than tensors and plain data is
+    refused naming ``option``) with Lightning's CLI hyperparameter context cleared: LightningCLI hands the
     hyperparameters of the module it is instantiating to every ``save_hyperparameters`` call made meanwhile, which
     would give the nested stage-1 module stage 2's hyperparameters."""
     from lightning.pytorch.core.mixins import hparams_mixin
 
     token = hparams_mixin._given_hyperparameters.set(None)
     try:
-        return cls.load_from_checkpoint(checkpoint, map_location="cpu")
+        return cls.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise refusal(option, checkpoint, exc) from None
     finally:
         hparams_mixin._given_hyperparameters.reset(token)
 
@@ -50,7 +55,7 @@ class FrozenStage1(nn.Module):
         if not checkpoint or not Path(checkpoint).is_file():
             raise FileNotFoundError(f"{option}: no stage-1 checkpoint at {checkpoint!r} (train stage 1 first, or "
                                     "drop this branch)")
-        stage1 = _load_stage1(BrainEncoderModule, checkpoint)
+        stage1 = _load_stage1(BrainEncoderModule, checkpoint, option)
         self.checkpoint, self.target = str(checkpoint), stage1.hparams.target
         self.adapters, self.moe = stage1.adapters, stage1.moe
         self.num_voxels = dict(stage1.num_voxels)
@@ -81,11 +86,18 @@ class FrozenStage1(nn.Module):
     def train(self, mode: bool = True) -> FrozenStage1:
         return super().train(False)
 
-    def check_subjects(self, subjects: list[str], option: str) -> None:
+    def check_subjects(self, subjects: list[str] | dict[str, int], option: str) -> None:
+        """Every data subject has an adapter here; given ``{subject: voxel count}``, with that many voxels."""
         unknown = [s for s in subjects if subject_name(s) not in self.num_voxels]
         if unknown:
             raise ValueError(f"{option}: {self.checkpoint} has no adapter for {unknown} (it knows "
                              f"{sorted(self.num_voxels)}); train stage 1 on them or transfer it first")
+        if isinstance(subjects, dict):
+            for s, count in subjects.items():
+                own = self.num_voxels[subject_name(s)]
+                if int(count) != own:
+                    raise ValueError(f"{option}: {subject_name(s)} has {own} voxels in {self.checkpoint} but "
+                                     f"{int(count)} in the data: use the stage-1 checkpoint trained on this data")
 
     def _experts(self, voxels: torch.Tensor, subject: str) -> torch.Tensor:
         """(n, V) -> (n, sum E, D) expert embeddings before the prior."""

@@ -197,10 +197,54 @@ def test_mixco_against_numpy():
                 - (_np_log_softmax(logits.T, -1) * labels.T).sum(-1).mean()) / 2
     got = mixco_nce(torch.tensor(p), torch.tensor(t), 0.1, torch.tensor(betas), torch.tensor(perm)).item()
     assert got == pytest.approx(expected, rel=1e-9)
-    voxels = torch.randn(64, 7)
+
+
+def test_mixco_inputs_mix_each_row_with_the_partner_its_label_names():
+    """Independently of mixco_inputs' own formula: numpy finds, for every mixed row, the pair of original rows and
+    the weight it is made of (least squares over every candidate partner); they must be (i, perm[i]) and betas[i],
+    which is what ``mixco_labels`` puts the soft label on."""
+    torch.manual_seed(0)
+    voxels = torch.randn(64, 7, dtype=torch.float64)
     mixed, b, pm = mixco_inputs(voxels, torch.Generator().manual_seed(0))
-    assert torch.allclose(mixed, voxels * b[:, None] + voxels[pm] * (1 - b[:, None]))
-    assert 0.25 < (b < 1).float().mean() < 0.75  # about half the samples are mixed
+    x, m, b, pm = voxels.numpy(), mixed.numpy(), b.numpy(), pm.numpy()
+    assert sorted(pm.tolist()) == list(range(64))  # a permutation
+    assert 0.25 < (b < 1).mean() < 0.75  # about half the samples are mixed
+    identified = 0
+    for i in range(64):
+        if b[i] == 1:
+            np.testing.assert_array_equal(m[i], x[i])  # unmixed rows are untouched
+        if not 0.02 < b[i] < 0.98:  # (nearly) one row alone: its partner cannot be told from the data
+            continue
+        identified += 1
+        # m = beta x_i + (1 - beta) x_j  <=>  m - x_j = beta (x_i - x_j): one-parameter least squares per j
+        d, r = x[i][None] - x, m[i][None] - x
+        beta = (d * r).sum(1) / np.maximum((d * d).sum(1), 1e-300)
+        residual = np.linalg.norm(r - beta[:, None] * d, axis=1)
+        residual[i] = np.inf
+        j = int(residual.argmin())
+        assert residual[j] < 1e-9 and j == pm[i], (i, j, pm[i])
+        assert beta[j] == pytest.approx(b[i], abs=1e-9)
+        assert np.sort(residual)[1] > 1e-3  # no other partner explains the row
+    assert identified >= 8
+
+
+def test_contrastive_losses_are_float32_under_bf16_autocast():
+    """bf16 logits at T = 0.02 are off by ~0.1; the losses must be what float32 computes, to float32 precision."""
+    torch.manual_seed(0)
+    p = F.normalize(torch.randn(32, 64), dim=-1)
+    t = F.normalize(p + 0.5 * torch.randn(32, 64), dim=-1)
+    betas, perm = torch.rand(32), torch.randperm(32)
+    losses = {"softclip": lambda: soft_clip_loss(p, t, 0.02),
+              "mixco": lambda: mixco_nce(p, t, 0.03, betas, perm), "cosine": lambda: cosine_loss(p, t)}
+    for name, loss in losses.items():
+        reference = loss()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = loss()
+        assert got.dtype == torch.float32, name
+        assert got.item() == pytest.approx(reference.item(), rel=1e-6, abs=1e-7), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_logits = p @ t.T / 0.02
+    assert (bf16_logits.float() - p @ t.T / 0.02).abs().max() > 1e-2
 
 
 def test_cosine_helpers():
@@ -209,3 +253,43 @@ def test_cosine_helpers():
     assert cosine_loss(a, -a).item() == pytest.approx(2.0)
     assert cosine_anneal(1.0, 3.0, 0.0) == 1.0 and cosine_anneal(1.0, 3.0, 1.0) == 3.0
     assert cosine_anneal(1.0, 3.0, 0.5) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("steps", [10, 30, 100])
+def test_prior_sampling_starts_at_the_last_training_timestep(steps):
+    """Trailing DDIM spacing: the first step denoises pure noise at t = T - 1 (leading spacing started at 90 of 100
+    for 10 steps) and the last reaches the clean sample."""
+    from lightning_modules.components.diffusion_prior import DiffusionPrior
+
+    prior = DiffusionPrior(embed_dim=8, num_layers=1, num_heads=2, head_dim=4, timesteps=100).eval()
+    seen = []
+    original = prior.predict_x0
+
+    def spy(noisy, timesteps, condition):
+        seen.append(int(timesteps[0]))
+        return original(noisy, timesteps, condition)
+
+    prior.predict_x0 = spy
+    prior.sample(torch.randn(2, 8), generator=torch.Generator().manual_seed(0), steps=steps, guidance_scale=1.0)
+    assert seen[0] == 99 and len(seen) == steps and seen == sorted(seen, reverse=True)
+
+
+def test_level0_identity_is_the_input_plus_learned_constants_as_in_the_reference():
+    moe = tiny_moe(level0="identity", num_blocks=4).eval()
+    expert = moe.experts[0]
+    assert sum(p.numel() for p in expert.parameters()) == 2 * 4 * 6  # the reference's 48 channel-block scalars
+    x = torch.randn(5, 2, 32)
+    shift = expert(x) - x
+    constant = expert(torch.zeros(1, 2, 32))  # (1, E, d): one value per expert, the same for every feature
+    assert torch.allclose(shift, constant.expand_as(shift), atol=1e-6)
+    assert torch.allclose(constant, constant[..., :1].expand_as(constant))
+    # the constant is what the reference's channel blocks compute: sum_k w2 * gelu(w1 * ln_bias + b1) + b2
+    e = expert
+    expected = (e.w2 * F.gelu(e.w1 * e.norm_bias + e.b1) + e.b2).sum(1)
+    assert torch.allclose(constant[0, :, 0], expected, atol=1e-6)
+    out = moe(torch.randn(4, 64))
+    out.clip_mean.sum().backward()
+    assert e.b2.grad is not None and e.b2.grad.abs().sum() > 0
+    assert tiny_moe().experts[0].__class__.__name__ == "BatchedResidualMLP"  # the default stays ours
+    with pytest.raises(ValueError, match="level0"):
+        tiny_moe(level0="linear")

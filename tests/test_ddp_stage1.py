@@ -32,29 +32,65 @@ def ddp_fit(data: Path, tmp_path: Path, *extra: str) -> Path:
 
 @pytest.fixture(scope="module")
 def ddp_run(small_data, targets, tmp_path_factory) -> tuple[Path, Path]:
-    """One two-process fit for the tests below: subjects 1 and 2 with one validation image each, so that rank 1
-    holds only a padding copy of every validation batch."""
+    """One two-process fit for the tests below: subjects 1 and 2 with three validation images each (one batch), so
+    that rank 1 holds only a padding copy of every validation batch."""
     tmp_path = tmp_path_factory.mktemp("ddp_stage1")
     return ddp_fit(small_data, tmp_path, "--data.init_args.subjects=[subj01, subj02]",
-                   "--data.init_args.val_images=1"), tmp_path
+                   f"--data.init_args.val_images={VAL_IMAGES}"), tmp_path
+
+
+VAL_IMAGES = 3
+
+
+def single_process_validation(model, small_data: Path, val_cache: Path):
+    """The validation data module of the DDP fit, in this process (the same held-out images)."""
+    from datamodules import NSDDataModule
+
+    dm = NSDDataModule(str(small_data), subjects=["subj01", "subj02"], eval_batch_size=3, num_workers=0,
+                       val_images=VAL_IMAGES, val_cache_dir=str(val_cache), load_images=False,
+                       targets={"clip_text": "targets/clip_text"})
+    dm.prepare_data()
+    dm.setup("validate")
+    return dm
 
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_two_rank_fit_reduces_validation_over_valid_rows_only(ddp_run):
-    run, _ = ddp_run
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+def test_two_rank_fit_reduces_validation_over_valid_rows_only(ddp_run, small_data):
+    """Retrieval among the 3 validation images of each subject, with rank 1 holding only padding, equals the same
+    retrieval in one process with the final weights (a reduction that counted the padding, or kept each rank's own
+    rows, changes the candidates or the top-1)."""
+    from lightning_modules import BrainEncoderModule
+    from lightning_modules.metrics import retrieval_top1
+
+    run, tmp_path = ddp_run
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1
     assert (run / "parameters.json").is_file()  # written by rank zero after a broadcast every rank joins
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run)).Reload()
-    # one validation image per subject: rank 1 holds only a padding copy, which must not count
+    # rank 1 holds only a padding copy of each subject's one validation batch, which must not count
+    model = BrainEncoderModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu",
+                                                    weights_only=True).eval()
+    dm = single_process_validation(model, small_data, tmp_path / "vc")
+    expected: dict[str, list] = {"subj01": [], "subj02": []}
+    with torch.no_grad():
+        for batch in (b for loader in dm.val_dataloader() for b in loader):
+            out, average = model.encode_repeats(batch["voxels"], batch["repeat_mask"], batch["subject"])
+            valid = batch["valid"]
+            expected[batch["subject"]].append((batch["nsd_id"][valid], average(out.clip_mean)[valid],
+                                               model._target(batch)[valid]))
     for subject in ("subj01", "subj02"):
         candidates = [e.value for e in events.Scalars(f"val/{subject}/candidates")]
-        assert candidates == [1.0, 1.0]
-        assert [e.value for e in events.Scalars(f"val/{subject}/fwd_top1")] == [1.0, 1.0]
+        assert candidates == [float(VAL_IMAGES)] * 2
+        ids, clip, target = (torch.cat(parts) for parts in zip(*expected[subject]))
+        order = ids.argsort()
+        fwd, bwd = retrieval_top1(clip[order], target[order], model.hparams.retrieval_candidates,
+                                  model.hparams.retrieval_draws, model.hparams.eval_seed)
+        assert events.Scalars(f"val/{subject}/fwd_top1")[-1].value == pytest.approx(fwd, abs=1e-6)
+        assert events.Scalars(f"val/{subject}/bwd_top1")[-1].value == pytest.approx(bwd, abs=1e-6)
     assert len(events.Scalars("train/loss")) >= 1
 
 
@@ -86,18 +122,13 @@ def test_two_rank_routing_statistics_equal_a_single_process_computation(ddp_run,
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from datamodules import NSDDataModule
     from lightning_modules import BrainEncoderModule
 
     events = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0, "histograms": 0}).Reload()
     assert "val/truth_vs_retrieved" in events.Tags()["images"]
     assert "routing/level3/gate_mass_share" in events.Tags()["histograms"]
     model = BrainEncoderModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu").eval()
-    dm = NSDDataModule(str(small_data), subjects=["subj01", "subj02"], eval_batch_size=3, num_workers=0,
-                       val_images=1, val_cache_dir=str(val_cache), load_images=False,
-                       targets={"clip_text": "targets/clip_text"})
-    dm.prepare_data()
-    dm.setup("validate")
+    dm = single_process_validation(model, small_data, val_cache)
     rows: list[dict] = [{"entropy": [], "mass": [], "coverage": []} for _ in model.moe.num_experts]
     seen = 0
     with torch.no_grad():
@@ -109,7 +140,7 @@ def test_two_rank_routing_statistics_equal_a_single_process_computation(ddp_run,
                 stats = numpy_level_statistics(routing.probs.numpy()[keep], routing.indices.numpy()[keep])
                 for key, value in stats.items():
                     rows[level][key].append(value)
-    assert seen == 2
+    assert seen == 2 * VAL_IMAGES
     for level, parts in enumerate(rows):
         entropy, mass, coverage = (np.concatenate(parts[k]) for k in ("entropy", "mass", "coverage"))
         share = mass.sum(0) / mass.sum()

@@ -52,6 +52,10 @@ def fitted(small_data, tiny_models, stage1_checkpoints, tmp_path_factory):
 
 
 def test_after_two_steps_every_router_projection_and_lora_parameter_has_changed(fitted):
+    """What this proves: every trained tensor receives a non-zero gradient and is stepped (no part is cut off from
+    the loss or left out of the optimiser), nothing else is trained, and the frozen UNet, VAE and stage-1 encoders do
+    not move. It does not prove that training helps: test_stage2_trainable checks that the loss falls against an
+    lr-0 control."""
     model, before, frozen, _ = fitted
     after = model.trained_state_dict()
     groups = {"lora": [k for k in after if "lora_" in k], "image_router": [k for k in after if "image_router" in k],

@@ -112,7 +112,7 @@ def load_stage1_run(checkpoint: str | Path, configs: list[str], overrides: list[
         raise InterpretabilityInputError(f"--config: the model is {model_path or 'missing'}, not a stage-1 "
                                          "BrainEncoderModule (these analyses read stage-1 runs)")
     try:
-        model = _load_stage1(BrainEncoderModule, str(checkpoint))
+        model = _load_stage1(BrainEncoderModule, str(checkpoint), "--ckpt")
     except Exception as exc:  # noqa: BLE001 - any load failure is the same user error
         raise InterpretabilityInputError(f"--ckpt: {checkpoint} is not a loadable stage-1 checkpoint "
                                          f"({type(exc).__name__}: {exc})") from exc

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from experiments.interpretability.loading import InterpretabilityInputError, check_configs, check_paths
+from lightning_modules.checkpoint_files import UnsafeCheckpointError, load_checkpoint_data
 
 
 @dataclass
@@ -52,8 +52,10 @@ def load_stage2_run(checkpoint: str | Path | None, configs: list[str], overrides
         return Stage2Run(None, load_stage2_data(configs, overrides), None)
     checkpoint = check_paths(checkpoint, configs)
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = load_checkpoint_data(checkpoint, "--ckpt")
         state_dict = state["state_dict"]
+    except UnsafeCheckpointError as exc:
+        raise InterpretabilityInputError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any read failure is the same user error
         raise InterpretabilityInputError(f"--ckpt: {checkpoint} is not a readable Lightning checkpoint "
                                          f"({type(exc).__name__}: {exc})") from exc

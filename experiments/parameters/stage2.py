@@ -17,6 +17,7 @@ from torch import nn
 from lightning_modules.components.brain_prompt import BrainPrompt, PooledMode, PromptMode
 from lightning_modules.components.injection import ImageTokenProjection, install_processors
 from lightning_modules.components.routed_branch import BranchSpec, RoutedBranch
+from lightning_modules.stage2_parts import apply_trainable, stage2_parts, trained_and_stored
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the architecture keys; feasibility.md section 2 (b))
 SDXL_BASE_UNET: dict = dict(
@@ -46,11 +47,15 @@ def stage2_parameter_report(unet_config: dict, image_branch: BranchSpec | None, 
                             lora_rank: int = 16, lora_alpha: int = 16,
                             lora_targets: Sequence[str] | None = LORA_TARGETS, ip_trainable: bool = True,
                             prompt_mode: PromptMode = "reference", pooled_text: PooledMode = "zeros",
-                            prompt_length: int = 77, trainable: Sequence[str] | None = None) -> list[dict]:
+                            prompt_length: int = 77, trainable: Sequence[str] | None = None,
+                            ip_adapter_loaded: bool | None = None, ip_adapter_trainable: bool | None = None
+                            ) -> list[dict]:
     """Rows ``{key, name, params, trainable, depth}`` (``format_table``'s layout; the last row is the total, which
     also carries ``trainable_share``). ``embed_dim`` / ``num_experts``: the stage-1 experts' width and tree (both
-    branches); ``ip_trainable``: IP projection and key / value weights trained (the module's default: only when no
-    IP-Adapter file is loaded); ``trainable``: the module's ``trainable`` parts (None: its default)."""
+    branches); ``ip_adapter_loaded`` / ``ip_adapter_trainable`` / ``trainable``: the module's
+    (``model.ip_adapter_weights`` set, ``model.ip_adapter_trainable``, ``model.trainable``), resolved by
+    ``stage2_parts`` exactly as the module resolves them. ``ip_trainable`` (when ``ip_adapter_loaded`` is None):
+    shorthand for no IP-Adapter file (True) or a loaded, frozen one (False)."""
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
@@ -68,16 +73,13 @@ def stage2_parameter_report(unet_config: dict, image_branch: BranchSpec | None, 
         processors = install_processors(unet, with_ip=image_branch is not None)
         unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
                                     target_modules=list(lora_targets or LORA_TARGETS)))
-        # peft's add_adapter leaves only ``lora_`` parameters trainable inside the UNet (the processors included),
-        # so the intended trainability of the IP key / value weights is applied afterwards
-        processors.requires_grad_(bool(ip_trainable and image_branch is not None))
         routers = {}
         for branch, spec in (("image", image_branch), ("text", text_branch)):
             if spec is not None:
                 routers[branch] = RoutedBranch(spec, embed_dim, num_experts, time_dim, latent_channels)
         projection = None
         if image_branch is not None:
-            projection = ImageTokenProjection(embed_dim, cross_dim, ip_tokens).requires_grad_(ip_trainable)
+            projection = ImageTokenProjection(embed_dim, cross_dim, ip_tokens)
         prompt = None
         if text_branch is not None:
             pooled_dim = (unet.config.projection_class_embeddings_input_dim
@@ -85,14 +87,11 @@ def stage2_parameter_report(unet_config: dict, image_branch: BranchSpec | None, 
             prompt = BrainPrompt(embed_dim, cross_dim, pooled_dim, torch.zeros(cross_dim), prompt_length,
                                  prompt_mode, pooled_text)
 
-    if trainable is not None:  # RoutedDiffusionModule.parts(), by the same module references
-        for name, modules in (("lora", [unet]), ("routers", list(routers.values())),
-                              ("projections", [m for m in (projection, prompt) if m is not None]),
-                              ("ip_attention", [processors])):
-            for module in modules:
-                for n, p in module.named_parameters():
-                    if name != "lora" or "lora_" in n:
-                        p.requires_grad_(name in trainable)
+        # the module's own definition of what is trained (RoutedDiffusionModule.parts(), same module references)
+        loaded = (not ip_trainable) if ip_adapter_loaded is None else bool(ip_adapter_loaded)
+        parts = stage2_parts(unet, list(routers.values()), projection, prompt, processors, loaded)
+        trained, stored = trained_and_stored(image_branch is not None, loaded, ip_adapter_trainable, trainable)
+        apply_trainable(parts, trained, stored)
     lora_total, lora_trainable = _numel(p for n, p in unet.named_parameters() if "lora_" in n)
     ip_total, ip_train = _numel(processors.parameters())
     unet_total, _ = _numel(unet.parameters())

@@ -75,3 +75,36 @@ class BatchedProjector(nn.Module):
         for norm, linear in zip(self.norms, self.linears):
             x = linear(F.gelu(norm(x)))
         return x
+
+
+class BatchedReferenceLevel0(nn.Module):
+    """What the reference's level-0 experts compute: the input plus learned constants, (B, E, d) -> (B, E, d).
+
+    The reference runs MindEye2's ``BrainNetwork.forward_feat`` with sequence length 1: each of its ``num_blocks``
+    mixer steps is ``x = block2(x^T) + residual2`` with ``residual2`` the previous step's output, so the width-d
+    ``block1`` output never reaches the result, and ``block2`` (LayerNorm over one element, whose output is its
+    bias, then Linear(1,1) -> GELU -> Dropout -> Linear(1,1)) is a constant. Output: x + sum_k c_k with
+    c_k = w2_k * dropout(gelu(w1_k * beta_k + b1_k)) + b2_k per expert (dropout drawn per element, as there).
+    Parameters: the 6 scalars of every channel block per expert (the LayerNorm's weight gets no gradient, as in the
+    reference); the dead width-d mixer weights are not built.
+    """
+
+    def __init__(self, num_experts: int, num_blocks: int = 4, dropout: float = 0.15):
+        super().__init__()
+        shape = (num_experts, num_blocks)
+        self.norm_weight = nn.Parameter(torch.ones(shape))  # LayerNorm(1).weight: multiplies 0, never used
+        self.norm_bias = nn.Parameter(torch.zeros(shape))
+        bound = 1.0  # nn.Linear(1, 1): uniform(-1/sqrt(1), 1/sqrt(1))
+        self.w1 = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+        self.b1 = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+        self.w2 = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+        self.b2 = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = self.norm_bias + 0 * self.norm_weight  # LayerNorm over one element: (x - mean) = 0
+        hidden = F.gelu(self.w1 * normed + self.b1)  # (E, K)
+        for k in range(hidden.shape[1]):
+            h = hidden[:, k, None].to(x.dtype).expand_as(x)
+            x = x + self.w2[:, k, None].to(x.dtype) * self.dropout(h) + self.b2[:, k, None].to(x.dtype)
+        return x

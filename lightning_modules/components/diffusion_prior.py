@@ -3,11 +3,15 @@
 A ``PriorTransformer`` with no text tokens sees [brain embedding, time, noisy target, prd] and predicts the clean
 target (x0 prediction) under a cosine schedule (``squaredcos_cap_v2``, 100 steps by default). Condition dropout
 replaces the brain embedding with a learned null embedding, which classifier-free guidance uses at sampling time
-(DDIM, 30 steps, guidance 1.5 by default). Sampling takes an optional ``torch.Generator`` so that it is
+(DDIM, 30 steps, guidance 1.5 by default; ``trailing`` timestep spacing, so the first step starts from pure noise
+at t = T - 1: ``leading`` spacing, diffusers' default and this prior's before, starts 10 steps of 100 at t = 90,
+from a partly clean sample that the noise does not match). Sampling takes an optional ``torch.Generator`` so that it is
 deterministic (stage 2 uses a fixed noise seed).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +20,16 @@ from torch import nn
 
 
 class DiffusionPrior(nn.Module):
-    """(B, D) brain embedding -> (B, D) CLIP embedding."""
+    """(B, D) brain embedding -> (B, D) CLIP embedding.
+
+    ``timestep_spacing``: of the DDIM sampling steps (``trailing``: the first is T - 1; ``leading``: the earlier
+    behaviour, first T - T / steps).
+    """
 
     def __init__(self, embed_dim: int = 1280, num_layers: int = 6, num_heads: int = 24, head_dim: int = 52,
                  timesteps: int = 100, cond_drop_prob: float = 0.2, sample_steps: int = 30,
-                 guidance_scale: float = 1.5, dropout: float = 0.0):
+                 guidance_scale: float = 1.5, dropout: float = 0.0,
+                 timestep_spacing: Literal["trailing", "leading"] = "trailing"):
         super().__init__()
         self.embed_dim, self.cond_drop_prob = embed_dim, cond_drop_prob
         self.sample_steps, self.guidance_scale = sample_steps, guidance_scale
@@ -36,7 +45,7 @@ class DiffusionPrior(nn.Module):
         scheduler_config = dict(num_train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2",
                                 prediction_type="sample", clip_sample=False)
         self.train_scheduler = DDPMScheduler(**scheduler_config)
-        self.sample_scheduler = DDIMScheduler(**scheduler_config)
+        self.sample_scheduler = DDIMScheduler(**scheduler_config, timestep_spacing=timestep_spacing)
 
     def predict_x0(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         return self.transformer(noisy, timesteps, proj_embedding=condition).predicted_image_embedding

@@ -1,13 +1,35 @@
-"""Stage-1 losses as pure functions (MindEye2 / MoRE-Brain recipes): SoftCLIP, BiMixCo, cosine, schedules."""
+"""Stage-1 losses as pure functions (MindEye2 / MoRE-Brain recipes): SoftCLIP, BiMixCo, cosine, schedules.
+
+The losses run in float32 with autocast off (``fp32``): contrastive logits ``preds @ targets.T / T`` with T of
+0.02-0.04 scale bf16's ~3 significant digits by 25-50, which under ``bf16-mixed`` would make the loss (and its
+gradient) noise at the level of the differences it has to resolve.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 
+def fp32(loss):
+    """Run ``loss`` with autocast disabled and every floating tensor argument at least float32."""
+    def up(a):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.to(torch.promote_types(a.dtype, torch.float32))
+        return a
+
+    @functools.wraps(loss)
+    def wrapper(*args, **kwargs):
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return loss(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+    return wrapper
+
+
+@fp32
 def soft_clip_loss(preds: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """SoftCLIP: cross-entropy of brain->target logits against softmax(target-target similarity / T), averaged
     over both directions. (N, D) L2-normalised preds and targets -> scalar."""
@@ -26,6 +48,7 @@ def mixco_labels(betas: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+@fp32
 def mixco_nce(preds: torch.Tensor, targets: torch.Tensor, temperature: float, betas: torch.Tensor,
               perm: torch.Tensor, bidirectional: bool = True) -> torch.Tensor:
     """BiMixCo contrastive loss on mixed inputs, (N, D) normalised preds/targets -> scalar."""
@@ -52,6 +75,7 @@ def mixco_inputs(voxels: torch.Tensor, generator: torch.Generator | None = None,
     return mixed, betas, perm
 
 
+@fp32
 def cosine_loss(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """1 - mean cosine similarity, (N, D) x (N, D) -> scalar."""
     return 1 - F.cosine_similarity(preds, targets, dim=-1).mean()

@@ -8,7 +8,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lightning_modules.components.batched_layers import BatchedLinear, BatchedProjector, BatchedResidualMLP
+from lightning_modules.components.batched_layers import (
+    BatchedLinear,
+    BatchedProjector,
+    BatchedReferenceLevel0,
+    BatchedResidualMLP,
+)
 from lightning_modules.components.routers import ExpertChoiceRouter, RoutingResult, UnitScoring, balance_loss
 
 
@@ -60,14 +65,20 @@ class HierarchicalMoE(nn.Module):
     Every expert has a ``backbone`` head Linear(h_l -> D) and a 3-layer ``clip`` projector head on top of it.
     ``scoring`` / ``affinity_init``: what a unit's routing score depends on (``ExpertChoiceRouter``): its value
     (``value``, the reference), which unit it is (``unit``) or both (``value_unit``).
+
+    ``level0``: ``mlp`` (default) the working residual MLPs above; ``identity`` what the reference's level-0 experts
+    effectively compute, the routed input plus learned constants (``BatchedReferenceLevel0``), for faithful
+    comparisons.
     """
 
     def __init__(self, hidden_dim: int = 4096, out_dim: int = 1280, num_experts_0: int = 2, factor: int = 2,
                  num_levels: int = 4, capacity_factor: float = 1.0, num_blocks: int = 4, dropout: float = 0.15,
                  deep_expert: Literal["linear", "mlp"] = "linear", clip_hidden: int | None = None,
-                 gate_init: float = 1e-4, noise_std: float = 1e-3, scoring: UnitScoring = "value",
-                 affinity_init: float = 1.0):
+                 gate_init: float = 1e-4, noise_std: float = 1e-3, level0: Literal["mlp", "identity"] = "mlp",
+                 scoring: UnitScoring = "value", affinity_init: float = 1.0):
         super().__init__()
+        if level0 not in ("mlp", "identity"):
+            raise ValueError(f"model.moe level0 {level0!r}: choose mlp or identity")
         self.hidden_dim, self.out_dim, self.num_levels = hidden_dim, out_dim, num_levels
         self.routers, self.experts = nn.ModuleList(), nn.ModuleList()
         self.backbone_heads, self.clip_heads = nn.ModuleList(), nn.ModuleList()
@@ -78,7 +89,9 @@ class HierarchicalMoE(nn.Module):
             router = ExpertChoiceRouter(parents, children, units, capacity_factor, gate_init, noise_std, scoring,
                                         affinity_init)
             experts_here, width = parents * children, router.capacity
-            if level == 0:
+            if level == 0 and level0 == "identity":
+                expert = BatchedReferenceLevel0(experts_here, num_blocks, dropout)
+            elif level == 0:
                 expert = BatchedResidualMLP(experts_here, width, num_blocks, dropout)
             elif deep_expert == "mlp":
                 expert = BatchedResidualMLP(experts_here, width, 1, dropout)
