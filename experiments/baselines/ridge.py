@@ -14,9 +14,9 @@ import webdataset as wds
 from sklearn.linear_model import Ridge
 
 from datamodules.nsd import NSDDataModule
-from datamodules.target_cache import write_target_cache
 from datamodules.shard_format import decode_sample
 from datamodules.streams import raise_with_shard
+from datamodules.target_cache import write_target_cache
 from lightning_modules.metrics import retrieval_top1
 
 ALPHAS = (1e1, 1e2, 1e3, 1e4, 1e5)

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from experiments.interpretability.loading import InterpretabilityInputError, check_configs, check_paths
 from lightning_modules.checkpoint_files import UnsafeCheckpointError, load_checkpoint_data
 

@@ -8,7 +8,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-
 UnitScoring = Literal["value", "unit", "value_unit"]
 
 
