@@ -69,6 +69,15 @@ def cli_main(args: list[str] | None = None, run: bool = True, instantiate: bool 
                             auto_configure_optimizers=False)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The command line: a user error (unknown subject, too many sessions, ``val_images`` too large, a checkpoint
+    of the other stage, ...) is one line on stderr and exit status 2; ``--debug`` or ``MOREBRAIN_DEBUG=1`` keeps
+    the traceback."""
+    cli_main(list(sys.argv[1:] if argv is None else argv))
+    return 0
+
+
 if __name__ == "__main__":
-    cli_main()
-    sys.exit(0)
+    from datamodules.errors import run_command
+
+    sys.exit(run_command(main))
