@@ -37,6 +37,10 @@ RELEASE_NORMALISATION = {
 }
 
 
+# behav.npy columns that are integers (an id or index read as a float must not be truncated to another one)
+INTEGER_COLUMNS = {0: "73k image id", 2: "session", 3: "run", 4: "trial in run", 5: "betas row"}
+
+
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
         raise DataFormatError(f"missing {what}: {path}")
@@ -59,16 +63,30 @@ def _open_dataset(path: Path, key: str):
 def read_behav(tar_path: Path) -> np.ndarray:
     """All ``behav.npy`` rows of a MindEyeV2 shard, (n, 17) float64 in key order."""
     members = read_tar_members(_require(tar_path, "MindEyeV2 shard"))
-    keys = sorted(name[: -len(".behav.npy")] for name in members if name.endswith(".behav.npy"))
+    keys = sorted({name.split(".", 1)[0] for name in members})
     if not keys:
         raise DataFormatError(f"{tar_path} holds no behav.npy entries")
     rows = []
     for key in keys:
-        array = np.load(io.BytesIO(members[f"{key}.behav.npy"]), allow_pickle=False)
+        if f"{key}.behav.npy" not in members:  # a trial without its behaviour row would be dropped unseen
+            found = sorted(n for n in members if n.split(".", 1)[0] == key)
+            raise DataFormatError(f"{tar_path} sample {key} has no member {key}.behav.npy (has {found})")
+        try:
+            array = np.load(io.BytesIO(members[f"{key}.behav.npy"]), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataFormatError(f"{tar_path} member {key}.behav.npy is not a .npy array: {exc}") from exc
         if array.size != 17:
             raise DataFormatError(f"{tar_path} key {key} behav.npy has shape {array.shape}, expected (1, 17)")
         rows.append(array.reshape(17))
-    return np.stack(rows).astype(np.float64)
+    behav = np.stack(rows).astype(np.float64)
+    for column, what in INTEGER_COLUMNS.items():
+        values = behav[:, column]
+        bad = np.isfinite(values) & (values != np.round(values))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataFormatError(f"{tar_path} member {keys[i]}.behav.npy: column {column} ({what}) is "
+                                  f"{values[i]!r}, not an integer")
+    return behav
 
 
 class MindEyeV2Source:
@@ -89,6 +107,9 @@ class MindEyeV2Source:
         available = len(list(train_dir.glob("*.tar")))
         if available == 0:
             raise DataFormatError(f"missing MindEyeV2 training shards: no {train_dir}/*.tar")
+        if num_sessions is not None and num_sessions < 1:  # 0 would mean "all", -1 a subject with no data
+            raise DataFormatError(f"--sessions {num_sessions}: give a number of sessions >= 1 (omit it for all "
+                                  f"{available} sessions in {train_dir})")
         if num_sessions is not None and num_sessions > available:
             raise DataFormatError(f"--sessions {num_sessions} exceeds the {available} sessions in {train_dir}")
         self.num_sessions = num_sessions or available
@@ -200,7 +221,8 @@ def import_mindeye2(mindeye2_root: str | Path, out: str | Path, subjects: Sequen
             expected, origin = expected_voxels(root, name, mask)
             if check_voxel_count and expected is not None and expected != source.num_voxels:
                 raise DataFormatError(f"voxel count mismatch: {source.betas_path} key 'betas' has "
-                                      f"{source.num_voxels} columns, {origin} says {expected} for {name}")
+                                      f"{source.num_voxels} columns, {origin} says {expected} for {name} "
+                                      "(for data other than NSD's nsdgeneral ROI pass --no-voxel-check)")
             trials = source.trials
             stats, normalisation = None, RELEASE_NORMALISATION
             if renormalise:

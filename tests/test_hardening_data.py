@@ -61,3 +61,90 @@ def test_a_door_run_as_a_program_prints_one_line_and_debug_gives_the_trace(tmp_p
     assert debug.returncode == 1 and "Traceback" in debug.stderr
     env = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "MOREBRAIN_DEBUG": "1"})
     assert env.returncode == 1 and "Traceback" in env.stderr
+
+
+# ------------------------------------------------------------------------------------------ item 2: importer input
+def _rewrite_tar(path: Path, edit) -> None:
+    """Rewrite a MindEyeV2 behaviour shard after ``edit(list of (name, bytes))`` (duplicates allowed)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    members = edit(members)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _prepare(src: Path, out: Path, *extra: str) -> int:
+    from experiments.prepare_nsd import main as prepare_main
+
+    return run_command(prepare_main, ["--mindeye2-root", str(src), "--out", str(out), "--subjects", "1", "--quiet",
+                                      *extra])
+
+
+def _drop_behav(members):
+    name = sorted(n for n, _ in members if n.endswith(".behav.npy"))[2]
+    return [(n, d) for n, d in members if n != name], f"{name.split('.')[0]} has no member {name}"
+
+
+def _duplicate_member(members):
+    name, data = sorted((n, d) for n, d in members if n.endswith(".behav.npy"))[1]
+    return [*members, (name, data)], f"holds member {name} twice"
+
+
+def _fractional_id(members):
+    import io
+
+    import numpy as np
+
+    name = sorted(n for n, _ in members if n.endswith(".behav.npy"))[4]
+    index = [n for n, _ in members].index(name)
+    behav = np.load(io.BytesIO(members[index][1]))
+    behav[0, 0] += 0.5
+    buffer = io.BytesIO()
+    np.save(buffer, behav)
+    members[index] = (name, buffer.getvalue())
+    return members, f"member {name}: column 0 (73k image id)"
+
+
+@pytest.mark.parametrize("corrupt", [_drop_behav, _duplicate_member, _fractional_id],
+                         ids=["no-behav", "duplicate-member", "fractional-id"])
+def test_importer_refuses_a_bad_behaviour_shard_naming_file_and_member(tmp_path, capsys, corrupt):
+    from tests.conftest import tiny_mindeye2
+
+    src = tiny_mindeye2(tmp_path / "src")
+    shard = src / "wds" / "subj01" / "train" / "1.tar"
+    expected = []
+    _rewrite_tar(shard, lambda members: (lambda r: (expected.append(r[1]), r[0])[1])(corrupt(members)))
+    assert _prepare(src, tmp_path / "out") == 2
+    line = _one_line_error(capsys)
+    assert str(shard) in line and expected[0] in line, line
+    assert not (tmp_path / "out" / "subj01" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("sessions", ["0", "-1"])
+def test_importer_refuses_sessions_below_one(tmp_path, capsys, sessions):
+    from tests.conftest import tiny_mindeye2
+
+    src = tiny_mindeye2(tmp_path / "src")
+    assert _prepare(src, tmp_path / "out", "--sessions", sessions) == 2
+    assert f"--sessions {sessions}" in _one_line_error(capsys)
+    assert not (tmp_path / "out" / "subj01").exists()
+
+
+def test_voxel_count_error_names_the_option_for_non_nsd_data(tmp_path, capsys):
+    import json
+
+    from tests.conftest import tiny_mindeye2
+
+    src = tiny_mindeye2(tmp_path / "src")
+    layout = json.loads((src / "synthetic_layout.json").read_text())
+    layout["voxels"]["subj01"] = 65
+    (src / "synthetic_layout.json").write_text(json.dumps(layout))
+    assert _prepare(src, tmp_path / "out") == 2
+    assert "--no-voxel-check" in _one_line_error(capsys)
+    assert _prepare(src, tmp_path / "out", "--no-voxel-check") == 0
