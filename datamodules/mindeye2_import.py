@@ -12,9 +12,11 @@ Every problem (missing file or dataset, voxel count mismatch, index out of range
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,14 +187,50 @@ def expected_voxels(root: Path, subject: str, roi_mask: Path | None) -> tuple[in
     return NSD_VOXELS.get(subject), "the NSD nsdgeneral voxel table"
 
 
+class NoCaptionsWarning(UserWarning):
+    """The import writes no captions (``captions: []`` in every sample): text targets cannot be cached from it."""
+
+
 def _load_json_map(path: Path | None, what: str) -> dict[int, list[str]]:
     if path is None or not path.exists():
         return {}
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataFormatError(f"{what} file {path} is not valid JSON: {exc}") from exc
-    return {int(k): [v] if isinstance(v, str) else list(v) for k, v in raw.items()}
+    if not isinstance(raw, dict):
+        raise DataFormatError(f"{what} file {path} must map nsd_id to a list of strings, got {type(raw).__name__}")
+    try:
+        return {int(k): [v] if isinstance(v, str) else [str(x) for x in v] for k, v in raw.items()}
+    except (TypeError, ValueError) as exc:
+        raise DataFormatError(f"{what} file {path} must map integer nsd_id keys to lists of strings: {exc}") from exc
+
+
+def annotation_record(path: Path | None, entries: Mapping[int, list[str]]) -> dict[str, Any] | None:
+    """What the resume state records of a captions or categories file: its path, a SHA-256 of its bytes and how
+    many images it annotates (None without one), so that a re-run with other annotations rewrites the output."""
+    if path is None or not path.exists():
+        return None
+    return {"file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "images": sum(1 for v in entries.values() if v)}
+
+
+def load_captions(root: Path, captions: str | Path | None) -> tuple[dict[int, list[str]], Path | None]:
+    """The captions map and its file: ``--captions`` must exist; the default ``ROOT/coco_captions.json`` may be
+    absent, but an import without any captions warns loudly (a text target would embed "" for every image)."""
+    if captions is not None:
+        path = _require(Path(captions), "--captions file")
+    else:
+        path = root / "coco_captions.json"
+    caption_map = _load_json_map(path, "--captions" if captions is not None else "captions")
+    if not any(caption_map.values()):
+        where = f"--captions {path} holds none" if captions is not None else (
+            f"{path} is empty" if path.exists() else f"no {path}")
+        warnings.warn(f"importing without captions ({where}): every sample gets captions: [] and text targets "
+                      "(experiments.cache_targets --text-model) will refuse this data; pass --captions FILE",
+                      NoCaptionsWarning, stacklevel=3)
+        return caption_map, path if path.exists() else None
+    return caption_map, path
 
 
 def import_mindeye2(mindeye2_root: str | Path, out: str | Path, subjects: Sequence[int | str], *,
@@ -208,10 +246,11 @@ def import_mindeye2(mindeye2_root: str | Path, out: str | Path, subjects: Sequen
     """
     root = Path(mindeye2_root)
     _require(root, "MindEyeV2 root directory")
-    caption_map = _load_json_map(Path(captions) if captions else root / "coco_captions.json", "captions")
-    category_map = _load_json_map(Path(coco_categories) if coco_categories else None, "--coco-categories")
-    if coco_categories:
-        _require(Path(coco_categories), "--coco-categories file")
+    caption_map, caption_path = load_captions(root, captions)
+    category_path = _require(Path(coco_categories), "--coco-categories file") if coco_categories else None
+    category_map = _load_json_map(category_path, "--coco-categories")
+    annotations = {"captions": annotation_record(caption_path, caption_map),
+                   "categories": annotation_record(category_path, category_map)}
     summary = {}
     for subj in subjects:
         name = subject_name(subj)
@@ -237,7 +276,7 @@ def import_mindeye2(mindeye2_root: str | Path, out: str | Path, subjects: Sequen
                 sessions=[int(s) for s in train_sessions if s <= source.num_sessions],
                 image_size=image_size or source.image_size, image_format=image_format,
                 test_shard_size=test_shard_size, chunk_rows=chunk_rows, normalisation=normalisation,
-                source=f"mindeye2:{root.resolve()}")
+                source=f"mindeye2:{root.resolve()}", **annotations)
             extra_files = {"nsdgeneral.nii.gz": lambda p, m=mask: p.write_bytes(m.read_bytes())} if mask else {}
             extra_meta = {"roi_mask": "nsdgeneral.nii.gz" if mask else None}
             meta = write_subject(source, trials, out, name, options, stats=stats, captions=caption_map,

@@ -8,6 +8,7 @@ removed and redone, and ``meta.json`` (written last) marks the subject complete.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,14 @@ class WriteOptions:
     chunk_rows: int = 256
     normalisation: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    # the captions and categories files the samples' info was written from (path, SHA-256, images annotated):
+    # a re-run with other ones rewrites the subject instead of keeping the old annotations
+    captions: dict[str, Any] | None = None
+    categories: dict[str, Any] | None = None
+
+
+# options whose change only alters the samples' annotations: a re-run with other ones rewrites the subject
+REWRITTEN_ON_CHANGE = ("captions", "categories")
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
@@ -162,11 +171,21 @@ def _check_resume(out: Path, options: WriteOptions) -> bool:
     state_path = out / STATE_FILE
     wanted = json.loads(json.dumps(options.__dict__))
     if state_path.exists():
-        previous = json.loads(state_path.read_text())
-        if previous != wanted:
-            changed = sorted(k for k in wanted if previous.get(k) != wanted[k])
+        try:
+            previous = json.loads(state_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(f"{state_path} is not valid JSON: {exc}; delete {out} and re-run") from exc
+        # keys a state of an older version lacks count as None (the default of an option added since)
+        changed = sorted(k for k in set(wanted) | set(previous) if previous.get(k) != wanted.get(k))
+        if set(changed) - set(REWRITTEN_ON_CHANGE):
             raise DataFormatError(f"{out} holds output written with other options (differs in {changed}); "
                                   "choose a new --out or delete that directory")
+        if changed:  # other captions/categories: every sample's info changes, so every shard is rewritten
+            warnings.warn(f"{out}: {' and '.join(changed)} differ from the previous import: rewriting the subject")
+            for path in [out / "meta.json", *sorted(out.glob("train/*.tar")), *sorted(out.glob("test/*.tar"))]:
+                path.unlink(missing_ok=True)
+            write_json_atomic(state_path, wanted)
+            return False
         return (out / "meta.json").exists()
     if (out / "meta.json").exists():
         raise DataFormatError(f"{out} already holds a prepared subject with no import state; "

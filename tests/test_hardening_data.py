@@ -148,3 +148,48 @@ def test_voxel_count_error_names_the_option_for_non_nsd_data(tmp_path, capsys):
     assert _prepare(src, tmp_path / "out") == 2
     assert "--no-voxel-check" in _one_line_error(capsys)
     assert _prepare(src, tmp_path / "out", "--no-voxel-check") == 0
+
+
+# ------------------------------------------------------------------------------------------------ item 1: captions
+def _sample_captions(subject_dir: Path) -> list[list[str]]:
+    import json
+
+    from datamodules.shard_format import read_tar_members
+
+    members = read_tar_members(subject_dir / "train" / "session-01.tar")
+    return [json.loads(v)["captions"] for k, v in sorted(members.items()) if k.endswith(".json")]
+
+
+def test_a_captions_path_that_does_not_exist_is_refused(tmp_path, capsys):
+    from tests.conftest import tiny_mindeye2
+
+    src = tiny_mindeye2(tmp_path / "src")
+    assert _prepare(src, tmp_path / "out", "--captions", str(tmp_path / "typo.json")) == 2
+    line = _one_line_error(capsys)
+    assert "--captions" in line and "typo.json" in line
+    assert not (tmp_path / "out" / "subj01" / "meta.json").exists()
+
+
+def test_no_captions_warns_text_targets_refuse_and_a_rerun_with_captions_rewrites(tmp_path, tiny_models):
+    from datamodules.mindeye2_import import import_mindeye2
+    from lightning_modules.target_caching import cache_targets
+    from tests.conftest import tiny_mindeye2
+
+    src = tiny_mindeye2(tmp_path / "src")
+    captions = tmp_path / "captions.json"
+    (src / "coco_captions.json").rename(captions)
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="without captions"):
+        import_mindeye2(src, out, [1], progress=False)
+    assert all(c == [] for c in _sample_captions(out / "subj01"))
+    # a text target over it would be the embedding of "" for every image: refused before any model runs
+    with pytest.raises(DataFormatError, match=r"subj01: (\d+) of \1 images"):
+        cache_targets(out, [1], tmp_path / "targets", text_model=str(tiny_models))
+    assert not (tmp_path / "targets").exists()
+    # the captions are part of the import's state: re-running with them rewrites the samples
+    with pytest.warns(UserWarning, match="captions differ from the previous import: rewriting"):
+        import_mindeye2(src, out, [1], captions=captions, progress=False)
+    assert all(c for c in _sample_captions(out / "subj01"))
+    state = __import__("json").loads((out / "subj01" / ".import_state.json").read_text())
+    assert state["captions"]["file"] == str(captions.resolve()) and len(state["captions"]["sha256"]) == 64
+    cache_targets(out, [1], tmp_path / "targets", text_model=str(tiny_models))  # now it has words to embed
