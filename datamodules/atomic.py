@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,3 +47,16 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
             tmp.unlink()
             removed.append(tmp)
     return removed
+
+
+def writable_dir(directory: str | os.PathLike) -> bool:
+    """Whether files can be created in ``directory`` (created if missing), by a real attempt: permission bits do
+    not say it (root ignores them; a read-only mount or a cluster's shared dataset does not show in them)."""
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=f".write-probe.{socket.gethostname()}.{os.getpid()}."):
+            pass
+    except OSError:
+        return False
+    return True

@@ -35,7 +35,12 @@ def stream_seed(*parts: int | str) -> int:
 
 
 def raise_with_shard(exc: Exception) -> bool:
-    """webdataset handler: re-raise read errors as ``DataFormatError`` naming the shard."""
+    """webdataset handler: re-raise read errors as ``DataFormatError`` naming the shard (a missing one as such)."""
+    if isinstance(exc, DataFormatError):
+        raise exc
+    missing = next((e for e in (exc, exc.__cause__, exc.__context__) if isinstance(e, FileNotFoundError)), None)
+    if missing is not None:
+        raise DataFormatError(f"shard {missing.filename or exc} is missing") from exc
     raise DataFormatError(f"cannot read shard sample: {exc} (truncated or corrupt shard?)") from exc
 
 
@@ -53,6 +58,12 @@ def collate(samples: Sequence[dict[str, Any]], subject: str, targets: Mapping[st
     ``nsd_id`` (b,), ``captions``/``categories`` (lists of lists), ``subject``, one tensor per target, and for
     training trials ``session``/``trial`` (b,)."""
     ids = np.array([s["info"]["nsd_id"] for s in samples], dtype=np.int64)
+    widths = {s["voxels"].shape[-1] for s in samples}
+    if len(widths) > 1:  # e.g. one session shard written from other betas: name it and both counts
+        first = samples[0]["voxels"].shape[-1]
+        odd = next(s for s in samples if s["voxels"].shape[-1] != first)
+        raise DataFormatError(f"{subject}: shard {odd.get('url')} (key {odd.get('key')}) has {odd['voxels'].shape[-1]} "
+                              f"voxels, other samples of the batch (from {samples[0].get('url')}) have {first}")
     batch: dict[str, Any] = {
         "subject": subject,
         "voxels": torch.from_numpy(np.stack([s["voxels"] for s in samples]).astype(np.float32)),

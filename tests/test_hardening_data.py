@@ -193,3 +193,149 @@ def test_no_captions_warns_text_targets_refuse_and_a_rerun_with_captions_rewrite
     state = __import__("json").loads((out / "subj01" / ".import_state.json").read_text())
     assert state["captions"]["file"] == str(captions.resolve()) and len(state["captions"]["sha256"]) == 64
     cache_targets(out, [1], tmp_path / "targets", text_model=str(tiny_models))  # now it has words to embed
+
+
+# --------------------------------------------------------------- items 3, 5 and 7: the data module and its cache
+def _tiny_data(root: Path, seed: int = 0) -> Path:
+    from datamodules.synthetic import SyntheticNSDConfig, generate
+
+    cfg = SyntheticNSDConfig(seed=seed, voxels=(64,), num_sessions=2, trials_per_session=30, num_test_images=5,
+                             image_size=16)
+    generate(cfg, root)
+    return root
+
+
+def _rewrite_voxels(shard: Path, change) -> None:
+    """Rewrite a session shard of ours with ``change(voxels)`` applied to every sample (a re-import)."""
+    import io
+
+    import numpy as np
+
+    from datamodules.shard_format import encode_npy
+
+    def edit(members):
+        return [(n, encode_npy(change(np.load(io.BytesIO(d)))) if n.endswith(".voxels.npy") else d)
+                for n, d in members]
+
+    _rewrite_tar(shard, edit)
+
+
+def _val_voxels(data: Path, **kw):
+    from datamodules import NSDDataModule
+
+    dm = NSDDataModule(str(data), subjects=["subj01"], batch_size=4, num_workers=0, val_images=5, **kw)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()[0]))
+    return batch["voxels"][batch["repeat_mask"]], dm
+
+
+def test_the_validation_cache_is_rebuilt_when_the_shards_change(tmp_path):
+    data = _tiny_data(tmp_path / "data")
+    before, _ = _val_voxels(data, val_cache_dir=str(tmp_path / "vc"))
+    for shard in (data / "subj01" / "train").glob("*.tar"):  # re-imported: same trials, other voxels
+        _rewrite_voxels(shard, lambda v: -v)
+    after, _ = _val_voxels(data, val_cache_dir=str(tmp_path / "vc"))
+    assert before.abs().sum() > 0 and (after == -before).all()
+
+
+@pytest.mark.parametrize("option, value", [
+    ("batch_size", -1), ("batch_size", 0), ("batch_size", {"subj01": 0}), ("eval_batch_size", 0),
+    ("num_workers", -1), ("samples_per_epoch", 0), ("val_images", -3), ("num_sessions", 0),
+    ("shuffle_buffer", 0), ("shuffle_initial", -1), ("seed", -1), ("batch_size", 2.5)])
+def test_every_numeric_datamodule_argument_is_checked_at_construction(option, value):
+    from datamodules import NSDDataModule
+
+    with pytest.raises(DataFormatError, match=rf"data\.{option}.* must be an integer >= \d"):
+        NSDDataModule("/nonexistent", subjects=["subj01"], **{option: value})
+
+
+def test_a_session_shard_with_another_voxel_count_is_one_line_naming_it(tmp_path):
+    import numpy as np
+
+    data = _tiny_data(tmp_path / "data")
+    shard = data / "subj01" / "train" / "session-02.tar"
+    _rewrite_voxels(shard, lambda v: np.concatenate([v, v[:3]]))
+    with pytest.raises(DataFormatError, match=rf"shard {shard} \(key [^)]+\) has 67 voxels, .*meta.json says 64"):
+        _val_voxels(data, val_cache_dir=str(tmp_path / "vc"))
+
+
+def test_a_missing_session_shard_is_called_missing(tmp_path):
+    data = _tiny_data(tmp_path / "data")
+    shard = data / "subj01" / "train" / "session-01.tar"
+    shard.unlink()
+    with pytest.raises(DataFormatError, match=rf"shard {shard} is missing") as info:
+        _val_voxels(data, val_cache_dir=str(tmp_path / "vc"))
+    assert "corrupt" not in str(info.value)
+
+
+def test_fit_does_not_need_a_writable_data_dir(tmp_path, monkeypatch):
+    """Root ignores permission bits, so here the writability check itself reports data_dir as read-only (what
+    a real attempt on a read-only mount returns; the real attempt is exercised as a non-root user below): the
+    validation shard goes below the trainer's root directory (here: the user cache directory, no trainer)."""
+    import datamodules.nsd as nsd
+    from datamodules.atomic import writable_dir
+
+    data = _tiny_data(tmp_path / "data")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(nsd, "writable_dir", lambda p: not Path(p).is_relative_to(data) and writable_dir(p))
+    voxels, dm = _val_voxels(data)
+    assert not (data / "val_cache").exists()
+    assert list((tmp_path / "cache" / "morebrain" / "val_cache" / "subj01").glob("val-*.tar"))
+    again, _ = _val_voxels(data)  # found there again (no rebuild needed)
+    assert (again == voxels).all()
+    monkeypatch.setattr(nsd, "writable_dir", lambda p: False)
+    with pytest.raises(DataFormatError, match=r"not writable \(set data.val_cache_dir"):
+        _val_voxels(data, val_cache_dir=str(tmp_path / "elsewhere"))
+
+
+_READ_ONLY_PROBE = """
+import json, sys
+from pathlib import Path
+from datamodules import NSDDataModule
+from datamodules.errors import run_command
+from experiments.prepare_nsd import main
+data, src, cache = map(Path, sys.argv[1:4])
+dm = NSDDataModule(str(data), subjects=["subj01"], batch_size=4, num_workers=0, val_images=5)
+dm.prepare_data()
+dm.setup("fit")
+batch = next(iter(dm.val_dataloader()[0]))
+status = run_command(main, ["--mindeye2-root", str(src), "--out", str(data / "out"), "--subjects", "1", "--quiet"])
+print(json.dumps({"val": [str(p) for p in cache.rglob("val-*.tar")], "rows": int(batch["valid"].sum()),
+                  "status": status}))
+"""
+
+
+def _read_only_mounts_work(path: Path) -> bool:
+    probe = f"mount --bind {path} {path} && mount -o remount,bind,ro {path} && ! touch {path}/probe 2>/dev/null"
+    try:
+        return subprocess.run(["unshare", "-m", "sh", "-c", probe], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+def test_on_a_real_read_only_mount_fit_data_works_and_output_is_one_line(tmp_path):
+    """A real read-only bind mount of the dataset (a mount namespace of a child process; root cannot write there
+    either): the validation shard goes to the user cache directory, and an import into it is one line naming the
+    path and exit status 2."""
+    import json
+
+    from tests.conftest import tiny_mindeye2
+
+    data = _tiny_data(tmp_path / "ro" / "data")
+    src = tiny_mindeye2(tmp_path / "src")
+    if not _read_only_mounts_work(tmp_path / "ro"):
+        pytest.skip("no mount namespaces here (unshare -m): the read-only check is covered by the test above")
+    ro = tmp_path / "ro"
+    script = (f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && "
+              f"exec {sys.executable} -c '{_READ_ONLY_PROBE}' {data} {src} {tmp_path / 'cache'}")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "MOREBRAIN_DEBUG": ""}
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["rows"] == 5 and len(report["val"]) == 1, report  # the 5 validation images
+    assert not (data / "val_cache").exists()
+    assert report["status"] == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot write {data / 'out'}"), result.stderr
+    assert "Read-only file system" in errors[0] and "Traceback" not in result.stderr
