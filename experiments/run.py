@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,6 +22,55 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from callbacks.atomic_checkpoint_io import refuse_if_damaged  # noqa: E402
+
+
+STAGES = {"BrainEncoderModule": "stage 1", "RoutedDiffusionModule": "stage 2"}
+
+
+def _stage_of(class_path: str, may_import: bool) -> str | None:
+    """"stage 1"/"stage 2" of a module class (by its class or a base class name), None when unknown. A class path
+    read from a checkpoint is never imported (``may_import=False``: only an already loaded module is looked in), so
+    a crafted file cannot make this import anything."""
+    import importlib
+
+    module_name, _, name = class_path.rpartition(".")
+    if name in STAGES:
+        return STAGES[name]
+    module = sys.modules.get(module_name)
+    if module is None and may_import:
+        try:
+            module = importlib.import_module(module_name)
+        except (ImportError, ValueError):
+            return None
+    cls = getattr(module, name, None) if module is not None else None
+    return next((STAGES[c.__name__] for c in getattr(cls, "__mro__", ()) if c.__name__ in STAGES), None)
+
+
+def check_checkpoint_module(ckpt_path: str | None, class_path: str | None) -> None:
+    """Refuse a ``--ckpt_path`` checkpoint of another LightningModule than ``model.class_path`` (a stage-2
+    checkpoint given to a stage-1 fit, or the reverse) before anything runs: LightningCLI would otherwise take the
+    checkpoint's class with this config's settings and fail later inside a callback. Reads the checkpoint with
+    ``weights_only=True`` (memory-mapped: nothing is executed, little is read); a file that cannot be read so is
+    left to the damaged-checkpoint check."""
+    import torch
+
+    from datamodules.errors import DataFormatError
+
+    if not ckpt_path or not class_path or not Path(ckpt_path).is_file():
+        return  # "last"/"best" or a missing file: Lightning resolves or reports those
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable here: refuse_if_damaged names it on the CLI's own load
+        return
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    saved = hparams.get("_class_path") if isinstance(hparams, dict) else None
+    if not isinstance(saved, str):
+        return
+    saved_stage, wanted_stage = _stage_of(saved, may_import=False), _stage_of(class_path, may_import=True)
+    if saved_stage and wanted_stage and saved_stage != wanted_stage:
+        raise DataFormatError(f"--ckpt_path {ckpt_path} is a {saved_stage} checkpoint (of {saved}), but "
+                              f"model.class_path is {class_path} ({wanted_stage}): give a {wanted_stage} checkpoint, "
+                              f"or the {saved_stage} configs")
 
 
 def num_voxels_of(datamodule) -> dict[str, int]:
@@ -38,6 +88,10 @@ class MoreBrainCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """LightningCLI ``torch.load``s a ``--ckpt_path`` file itself (for its hyperparameters) before the Trainer and
         its CheckpointIO exist: a damaged file would fail there with a zip/pickle traceback; name it instead."""
+        if self.config.get("subcommand"):
+            sub = self.config[self.config.subcommand]
+            model = sub.get("model")
+            check_checkpoint_module(sub.get("ckpt_path"), getattr(model, "class_path", None) if model else None)
         try:
             super()._parse_ckpt_path()
         except (SystemExit, KeyboardInterrupt, ImportError, MemoryError):

@@ -339,3 +339,25 @@ def test_on_a_real_read_only_mount_fit_data_works_and_output_is_one_line(tmp_pat
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: cannot write {data / 'out'}"), result.stderr
     assert "Read-only file system" in errors[0] and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------- item 5: a checkpoint of the other stage
+@pytest.mark.parametrize("saved, configs, wanted", [
+    ("lightning_modules.RoutedDiffusionModule", STAGE1, "stage 1"),
+    ("lightning_modules.BrainEncoderModule",
+     ["--config", str(REPO / "configs/base/stage2_trainer.yaml"), "--config", str(REPO / "configs/stage2/tiny_synthetic.yaml")],
+     "stage 2"),
+], ids=["stage2-ckpt-to-stage1", "stage1-ckpt-to-stage2"])
+def test_a_checkpoint_of_the_other_stage_is_refused_before_the_trainer_runs(tmp_path, capsys, saved, configs, wanted):
+    """The check reads what a Lightning checkpoint records of its module (``hyper_parameters._class_path``, which
+    LightningCLI writes); the file here holds only that (and an empty state dict), so the test runs no stage."""
+    import torch
+
+    ckpt = tmp_path / "other.ckpt"
+    torch.save({"hyper_parameters": {"_class_path": saved}, "state_dict": {}, "epoch": 0}, ckpt)
+    args = ["fit", *configs, f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    assert run_command(run_cli.main, args) == 2
+    line = _one_line_error(capsys)
+    assert f"--ckpt_path {ckpt} is a" in line and saved in line and f"({wanted})" in line, line
+    assert not list(tmp_path.rglob("events.out.*"))
