@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from datamodules.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
+from datamodules.atomic import atomic_path, output_lock, remove_stale_temporaries, write_json_atomic
 from datamodules.errors import DataFormatError
 from datamodules.provenance import provenance
 from datamodules.shard_format import (
@@ -32,6 +32,7 @@ from datamodules.shard_format import (
 )
 
 STATE_FILE = ".import_state.json"
+LOCK_FILE = ".import.lock"
 
 
 @dataclass
@@ -210,6 +211,14 @@ def write_subject(source: SubjectSource, trials: TrialTable, out_root: str | Pat
     captions, categories = captions or {}, categories or {}
     out = Path(out_root) / subject
     out.mkdir(parents=True, exist_ok=True)
+    # one writer per subject directory: a second run into it is refused (it would delete this one's temporaries)
+    with output_lock(out, "import", LOCK_FILE):
+        return _write_subject_locked(source, trials, out, subject, options, stats, captions, categories,
+                                     extra_meta, extra_files, progress)
+
+
+def _write_subject_locked(source, trials, out, subject, options, stats, captions, categories, extra_meta,
+                          extra_files, progress) -> dict[str, Any]:
     remove_stale_temporaries(out)
     if _check_resume(out, options):
         return json.loads((out / "meta.json").read_text())

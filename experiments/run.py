@@ -22,6 +22,7 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from callbacks.atomic_checkpoint_io import refuse_if_damaged  # noqa: E402
+from callbacks.run_lock import RunDirectoryLock  # noqa: E402
 
 
 STAGES = {"BrainEncoderModule": "stage 1", "RoutedDiffusionModule": "stage 2"}
@@ -100,6 +101,23 @@ class MoreBrainCLI(LightningCLI):
             refuse_if_damaged(self.config[self.config.subcommand].get("ckpt_path"))
             raise
 
+    def _run_lock(self) -> RunDirectoryLock | None:
+        return next((c for c in self.trainer.callbacks if isinstance(c, RunDirectoryLock)), None)
+
+    def before_fit(self) -> None:
+        """Take the version directory's lock before ``trainer.fit`` opens any file in it (``RunDirectoryLock``)."""
+        lock = self._run_lock()
+        if lock is not None:
+            lock.acquire(self.trainer)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:  # released however the fit ends (the callback also releases at teardown and on an exception)
+            lock = self._run_lock() if getattr(self, "trainer", None) is not None else None
+            if lock is not None:
+                lock.release()
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data", "model.init_args.num_voxels", compute_fn=num_voxels_of, apply_on="instantiate")
 
@@ -107,6 +125,8 @@ class MoreBrainCLI(LightningCLI):
         if not self._instantiate:
             return
         super().instantiate_classes()
+        if self.subcommand == "fit" and not any(isinstance(c, RunDirectoryLock) for c in self.trainer.callbacks):
+            self.trainer.callbacks.insert(0, RunDirectoryLock())  # one live fit per logger version directory
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if hasattr(self.model, "run_config"):
             self.model.run_config = self._parser(self.subcommand).dump(config, skip_link_targets=False)

@@ -361,3 +361,81 @@ def test_a_checkpoint_of_the_other_stage_is_refused_before_the_trainer_runs(tmp_
     line = _one_line_error(capsys)
     assert f"--ckpt_path {ckpt} is a" in line and saved in line and f"({wanted})" in line, line
     assert not list(tmp_path.rglob("events.out.*"))
+
+
+# ------------------------------------------------------------------------------------- item 8: concurrent runs
+@pytest.fixture()
+def live_pid():
+    """The pid of a live process on this host (another run)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _lock(path: Path, pid: int, host: str | None = None) -> None:
+    import json
+
+    from datamodules.atomic import HOST
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": pid, "host": host or HOST, "slurm_job_id": None, "started": "then"}))
+
+
+def test_a_second_import_into_one_output_is_refused_and_the_first_keeps_its_temporaries(tmp_path, capsys, live_pid):
+    from datamodules.atomic import HOST
+    from tests.conftest import tiny_mindeye2
+
+    src = tiny_mindeye2(tmp_path / "src")
+    subject = tmp_path / "out" / "subj01"
+    _lock(subject / ".import.lock", live_pid)
+    theirs = subject / "train" / f".session-01.tar.{HOST}.{live_pid}.tmp"  # the other run's half-written shard
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"in progress")
+    assert _prepare(src, tmp_path / "out") == 2
+    line = _one_line_error(capsys)
+    assert f"another import is writing here (pid {live_pid}, host {HOST}" in line and ".import.lock" in line
+    assert theirs.read_bytes() == b"in progress"
+    # on another host the pid cannot be checked: respected as well
+    _lock(subject / ".import.lock", 1, host="other-node")
+    assert _prepare(src, tmp_path / "out") == 2 and "host other-node" in _one_line_error(capsys)
+
+
+def test_a_stale_import_lock_is_taken_over_and_released(tmp_path):
+    from tests.conftest import tiny_mindeye2
+
+    src = tiny_mindeye2(tmp_path / "src")
+    lock = tmp_path / "out" / "subj01" / ".import.lock"
+    _lock(lock, _dead_pid())  # a killed import
+    assert _prepare(src, tmp_path / "out") == 0
+    assert (tmp_path / "out" / "subj01" / "meta.json").exists() and not lock.exists()
+
+
+def test_temporary_names_hold_host_and_pid(tmp_path):
+    from datamodules.atomic import HOST, atomic_path
+
+    with atomic_path(tmp_path / "x.bin") as tmp:
+        assert tmp.name == f".x.bin.{HOST}.{os.getpid()}.tmp"
+        tmp.write_bytes(b"1")
+
+
+def test_a_second_fit_into_a_live_runs_version_directory_is_refused(small_data, targets, tmp_path, capsys, live_pid):
+    base = ["fit", *STAGE1, f"--data.init_args.data_dir={small_data}", f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.version=run",
+            f"--data.init_args.val_cache_dir={tmp_path / 'vc'}", "--data.init_args.val_images=8",
+            "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"]
+    version_dir = tmp_path / "stage1_tiny" / "run"
+    _lock(version_dir / ".run.lock", live_pid)
+    assert run_command(run_cli.main, base) == 2
+    line = _one_line_error(capsys)
+    assert f"another fit is writing here (pid {live_pid}" in line and str(version_dir / ".run.lock") in line, line
+    assert not list(version_dir.rglob("*.ckpt")) and not list(version_dir.glob("events.out.*"))
+    _lock(version_dir / ".run.lock", _dead_pid())  # that run was killed: resuming it takes the lock over
+    assert run_command(run_cli.main, base) == 0
+    assert list(version_dir.rglob("*.ckpt")) and not (version_dir / ".run.lock").exists()  # released at the end
