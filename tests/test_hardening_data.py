@@ -18,11 +18,12 @@ STAGE1 = ["--config", str(REPO / "configs/base/trainer.yaml"), "--config", str(R
 
 
 def _one_line_error(capsys) -> str:
-    """The one ``error:`` line on stderr (log lines such as Lightning's "Seed set" may precede it; no traceback)."""
+    """The one ``error:`` line on stderr, the last one (progress and log lines may precede it); no traceback."""
     err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if not line.startswith(("INFO:", "Seed set"))]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, err
+    return errors[0]
 
 
 # ------------------------------------------------------------------------------------------- item 6: CLI errors
@@ -439,3 +440,54 @@ def test_a_second_fit_into_a_live_runs_version_directory_is_refused(small_data, 
     _lock(version_dir / ".run.lock", _dead_pid())  # that run was killed: resuming it takes the lock over
     assert run_command(run_cli.main, base) == 0
     assert list(version_dir.rglob("*.ckpt")) and not (version_dir / ".run.lock").exists()  # released at the end
+
+
+# ------------------------------------------------------------------------------------- item 4: evaluation input
+def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from lightning_modules.evaluation.inputs import read_image
+
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 65536, (24, 24), dtype=np.uint16)
+    Image.fromarray(wide).save(tmp_path / "1.png")
+    with Image.open(tmp_path / "1.png") as pil:
+        assert pil.mode.startswith("I")  # really stored as 16 bits
+    image = read_image(tmp_path / "1.png")
+    assert image.shape == (24, 24, 3) and image.dtype == np.uint8
+    assert np.array_equal(image[..., 0], np.round(wide / 257).astype(np.uint8))
+    assert image.std() > 50  # not the near-constant white that clipping gives
+
+
+def _eval_args(small_data, recons, tmp_path):
+    return ["--recons", str(recons), "--data", str(small_data), "--subjects", "1", "--bootstrap", "0",
+            "--metrics", "pixcorr", "--out", str(tmp_path / "out")]
+
+
+def test_duplicate_reconstruction_ids_are_refused_by_name(small_data, tmp_path, capsys):
+    from experiments.evaluate import main
+    from tests.test_evaluation import fake_reconstructions
+
+    recons = tmp_path / "recons"
+    fake_reconstructions(small_data, recons, noise_every=0)
+    first = sorted((recons / "subj01" / "images").iterdir())[0]
+    twin = first.with_name(f"{int(first.stem)}.png")  # 00012.png and 12.png
+    twin.write_bytes(first.read_bytes())
+    assert run_command(main, _eval_args(small_data, recons, tmp_path)) == 2
+    line = _one_line_error(capsys)
+    assert first.name in line and twin.name in line and f"nsd_id {int(first.stem)}" in line, line
+
+
+def test_a_corrupt_reconstruction_is_one_line_naming_the_file(small_data, tmp_path, capsys):
+    from experiments.evaluate import main
+    from tests.test_evaluation import fake_reconstructions
+
+    recons = tmp_path / "recons"
+    fake_reconstructions(small_data, recons, noise_every=0)
+    bad = sorted((recons / "subj01" / "images").iterdir())[3]
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated PNG
+    assert run_command(main, _eval_args(small_data, recons, tmp_path)) == 2
+    line = _one_line_error(capsys)
+    assert f"cannot read {bad}" in line, line
+    assert not (tmp_path / "out" / "metrics.csv").exists()
