@@ -43,7 +43,9 @@ def user_error_message(exc: BaseException) -> str | None:
         if isinstance(current, types):
             return str(current)
         if isinstance(current, OSError) and current.errno in _UNWRITABLE and current.filename:
-            return f"cannot write {current.filename}: {current.strerror}"
+            if current.errno == errno.EROFS:
+                return f"cannot write {current.filename}: {current.strerror}"
+            return f"{current.strerror}: {current.filename}"
         current = current.__cause__ or current.__context__
     return None
 

@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     """The command line: a user error (unknown subject, too many sessions, ``val_images`` too large, a checkpoint
     of the other stage, ...) is one line on stderr and exit status 2; ``--debug`` or ``MOREBRAIN_DEBUG=1`` keeps
     the traceback."""
-    cli_main(list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    with mock.patch.object(sys, "argv", [sys.argv[0], *args]):  # Lightning's DDP launcher re-runs sys.argv
+        cli_main()
     return 0
 
 
