@@ -302,7 +302,8 @@ class NSDDataModule(L.LightningDataModule):
                            shuffle_buffer=self.shuffle_buffer, shuffle_initial=self.shuffle_initial,
                            load_images=self.load_images, targets=self.targets, sampling=self.train_sampling,
                            world_size=world, num_samples=self.train_trials(s), num_workers=self.num_workers,
-                           max_batches=self.num_train_batches())  # epoch pass: as many as the subject with fewest
+                           max_batches=self.num_train_batches(),  # epoch pass: as many as the subject with fewest
+                           num_voxels=int(meta["num_voxels"]))
 
     def _loader_kwargs(self) -> dict[str, Any]:
         return {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
@@ -318,7 +319,8 @@ class NSDDataModule(L.LightningDataModule):
         rank, world = self.rank_and_world()
         stream = EvalStream(shards, subject=s, batch_size=self.eval_batch_size, rank=rank, world_size=world,
                             max_repeats=int(self.metas[s]["max_repeats"]), pad_repeats=self.pad_repeats,
-                            load_images=self.load_images, targets=self.targets)
+                            load_images=self.load_images, targets=self.targets,
+                            num_voxels=int(self.metas[s]["num_voxels"]))
         return DataLoader(stream, batch_size=None, **self._loader_kwargs())
 
     def _val_shards(self, s: str) -> list[tuple[str, list[int]]]:

@@ -176,7 +176,12 @@ def _check_resume(out: Path, options: WriteOptions) -> bool:
             previous = json.loads(state_path.read_text())
         except json.JSONDecodeError as exc:
             raise DataFormatError(f"{state_path} is not valid JSON: {exc}; delete {out} and re-run") from exc
-        # keys a state of an older version lacks count as None (the default of an option added since)
+        legacy = [k for k in REWRITTEN_ON_CHANGE if k not in previous and wanted.get(k) is not None]
+        if legacy and (out / "meta.json").exists():  # complete, from before annotations were recorded: keep it
+            warnings.warn(f"{out} was imported before its {' and '.join(legacy)} were recorded: kept as it is "
+                          "(delete that directory to re-import with these)")
+            previous.update({k: wanted[k] for k in legacy})
+        # other keys a state of an older version lacks count as None (the default of an option added since)
         changed = sorted(k for k in set(wanted) | set(previous) if previous.get(k) != wanted.get(k))
         if set(changed) - set(REWRITTEN_ON_CHANGE):
             raise DataFormatError(f"{out} holds output written with other options (differs in {changed}); "

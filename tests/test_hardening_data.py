@@ -491,3 +491,41 @@ def test_a_corrupt_reconstruction_is_one_line_naming_the_file(small_data, tmp_pa
     line = _one_line_error(capsys)
     assert f"cannot read {bad}" in line, line
     assert not (tmp_path / "out" / "metrics.csv").exists()
+
+
+def test_a_training_shard_with_another_voxel_count_is_one_line_naming_it(tmp_path):
+    """Every sample of the shard is wider (so a batch is consistent in itself): checked against meta.json."""
+    import numpy as np
+
+    from datamodules import NSDDataModule
+
+    data = _tiny_data(tmp_path / "data")
+    shard = data / "subj01" / "train" / "session-01.tar"
+    _rewrite_voxels(shard, lambda v: np.concatenate([v, v[:3]]))
+    dm = NSDDataModule(str(data), subjects=["subj01"], num_sessions=1, batch_size=4, num_workers=0, val_images=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    with pytest.raises(DataFormatError, match=rf"shard {shard} \(key [^)]+\) has 67 voxels, its meta.json says 64"):
+        next(iter(dm.train_dataloader()))
+
+
+def test_an_import_state_from_before_captions_were_recorded_is_kept_not_rewritten(tmp_path):
+    """A complete import of an older version (no captions in its state) is not rewritten by a re-run (it may be
+    hours of work); the re-run says so."""
+    import json
+
+    from datamodules.mindeye2_import import import_mindeye2
+    from tests.conftest import tiny_mindeye2
+
+    src = tiny_mindeye2(tmp_path / "src")
+    out = tmp_path / "out"
+    import_mindeye2(src, out, [1], progress=False)
+    state_path = out / "subj01" / ".import_state.json"
+    state = json.loads(state_path.read_text())
+    state.pop("captions"), state.pop("categories")
+    state_path.write_text(json.dumps(state))
+    shard = out / "subj01" / "train" / "session-01.tar"
+    mtime = shard.stat().st_mtime_ns
+    with pytest.warns(UserWarning, match="imported before its captions were recorded"):
+        import_mindeye2(src, out, [1], progress=False)
+    assert shard.stat().st_mtime_ns == mtime
