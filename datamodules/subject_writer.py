@@ -179,7 +179,7 @@ def _check_resume(out: Path, options: WriteOptions) -> bool:
         legacy = [k for k in REWRITTEN_ON_CHANGE if k not in previous and wanted.get(k) is not None]
         if legacy and (out / "meta.json").exists():  # complete, from before annotations were recorded: keep it
             warnings.warn(f"{out} was imported before its {' and '.join(legacy)} were recorded: kept as it is "
-                          "(delete that directory to re-import with these)")
+                          "(delete that directory to re-import with these)", stacklevel=2)
             previous.update({k: wanted[k] for k in legacy})
         # other keys a state of an older version lacks count as None (the default of an option added since)
         changed = sorted(k for k in set(wanted) | set(previous) if previous.get(k) != wanted.get(k))
@@ -187,7 +187,7 @@ def _check_resume(out: Path, options: WriteOptions) -> bool:
             raise DataFormatError(f"{out} holds output written with other options (differs in {changed}); "
                                   "choose a new --out or delete that directory")
         if changed:  # other captions/categories: every sample's info changes, so every shard is rewritten
-            warnings.warn(f"{out}: {' and '.join(changed)} differ from the previous import: rewriting the subject")
+            warnings.warn(f"{out}: {' and '.join(changed)} differ from the previous import: rewriting the subject", stacklevel=2)
             for path in [out / "meta.json", *sorted(out.glob("train/*.tar")), *sorted(out.glob("test/*.tar"))]:
                 path.unlink(missing_ok=True)
             write_json_atomic(state_path, wanted)

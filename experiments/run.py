@@ -24,7 +24,6 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from callbacks.atomic_checkpoint_io import refuse_if_damaged  # noqa: E402
 from callbacks.run_lock import RunDirectoryLock  # noqa: E402
 
-
 STAGES = {"BrainEncoderModule": "stage 1", "RoutedDiffusionModule": "stage 2"}
 
 

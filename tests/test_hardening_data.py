@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from datamodules.errors import DataFormatError, run_command
-from experiments import run as run_cli  # imported before capsys swaps stderr: Lightning's log handlers keep the real one
+
+# imported before capsys swaps stderr: Lightning's log handlers keep the real one
+from experiments import run as run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE1 = ["--config", str(REPO / "configs/base/trainer.yaml"), "--config", str(REPO / "configs/stage1/tiny_synthetic.yaml")]
