@@ -531,3 +531,22 @@ def test_an_import_state_from_before_captions_were_recorded_is_kept_not_rewritte
     with pytest.warns(UserWarning, match="imported before its captions were recorded"):
         import_mindeye2(src, out, [1], progress=False)
     assert shard.stat().st_mtime_ns == mtime
+
+
+def test_with_a_trainer_the_validation_shard_of_a_read_only_data_dir_goes_below_its_root(tmp_path, monkeypatch):
+    """As above (the check reports data_dir read-only), with a Trainer: below ``trainer.default_root_dir``."""
+    import lightning as L
+
+    import datamodules.nsd as nsd
+    from datamodules import NSDDataModule
+
+    data = _tiny_data(tmp_path / "data")
+    monkeypatch.setattr(nsd, "writable_dir", lambda p: not Path(p).is_relative_to(data), raising=False)
+    dm = NSDDataModule(str(data), subjects=["subj01"], batch_size=4, num_workers=0, val_images=5)
+    dm.trainer = L.Trainer(default_root_dir=str(tmp_path / "run"), logger=False, enable_checkpointing=False,
+                           enable_progress_bar=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert next(iter(dm.val_dataloader()[0]))["valid"].sum() == 5
+    assert not (data / "val_cache").exists()
+    assert len(list((tmp_path / "run" / "val_cache" / "subj01").glob("val-*.tar"))) == 1
