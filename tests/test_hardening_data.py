@@ -29,6 +29,7 @@ def _one_line_error(capsys) -> str:
 
 
 # ------------------------------------------------------------------------------------------- item 6: CLI errors
+@pytest.mark.slow
 @pytest.mark.parametrize("override, expected", [
     ("--data.init_args.subjects=[bob]", "unknown subject 'bob'"),
     ("--data.init_args.num_sessions=9", "data.num_sessions=9"),
@@ -55,6 +56,7 @@ def test_every_command_door_goes_through_the_one_helper():
     assert not lacking, lacking
 
 
+@pytest.mark.slow
 def test_a_door_run_as_a_program_prints_one_line_and_debug_gives_the_trace(tmp_path):
     cmd = [sys.executable, "-m", "experiments.prepare_nsd", "--mindeye2-root", str(tmp_path / "none"), "--out",
            str(tmp_path / "out"), "--subjects", "1"]
@@ -317,6 +319,7 @@ def _read_only_mounts_work(path: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_on_a_real_read_only_mount_fit_data_works_and_output_is_one_line(tmp_path):
     """A real read-only bind mount of the dataset (a mount namespace of a child process; root cannot write there
     either): the validation shard goes to the user cache directory, and an import into it is one line naming the
@@ -428,6 +431,7 @@ def test_temporary_names_hold_host_and_pid(tmp_path):
         tmp.write_bytes(b"1")
 
 
+@pytest.mark.slow
 def test_a_second_fit_into_a_live_runs_version_directory_is_refused(small_data, targets, tmp_path, capsys, live_pid):
     base = ["fit", *STAGE1, f"--data.init_args.data_dir={small_data}", f"--trainer.default_root_dir={tmp_path}",
             f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.version=run",
