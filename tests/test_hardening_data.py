@@ -528,7 +528,7 @@ def test_an_import_state_from_before_captions_were_recorded_is_kept_not_rewritte
     import_mindeye2(src, out, [1], progress=False)
     state_path = out / "subj01" / ".import_state.json"
     state = json.loads(state_path.read_text())
-    state.pop("captions"), state.pop("categories")
+    state.pop("captions", None), state.pop("categories", None)
     state_path.write_text(json.dumps(state))
     shard = out / "subj01" / "train" / "session-01.tar"
     mtime = shard.stat().st_mtime_ns
