@@ -12,9 +12,11 @@ Every problem (missing file or dataset, voxel count mismatch, index out of range
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,10 @@ RELEASE_NORMALISATION = {
                    "statistics of the training trials of all sessions, so runs with fewer sessions see "
                    "40-session statistics (MindEye2 appendix A.2)",
 }
+
+
+# behav.npy columns that are integers (an id or index read as a float must not be truncated to another one)
+INTEGER_COLUMNS = {0: "73k image id", 2: "session", 3: "run", 4: "trial in run", 5: "betas row"}
 
 
 def _require(path: Path, what: str) -> Path:
@@ -59,16 +65,30 @@ def _open_dataset(path: Path, key: str):
 def read_behav(tar_path: Path) -> np.ndarray:
     """All ``behav.npy`` rows of a MindEyeV2 shard, (n, 17) float64 in key order."""
     members = read_tar_members(_require(tar_path, "MindEyeV2 shard"))
-    keys = sorted(name[: -len(".behav.npy")] for name in members if name.endswith(".behav.npy"))
+    keys = sorted({name.split(".", 1)[0] for name in members})
     if not keys:
         raise DataFormatError(f"{tar_path} holds no behav.npy entries")
     rows = []
     for key in keys:
-        array = np.load(io.BytesIO(members[f"{key}.behav.npy"]), allow_pickle=False)
+        if f"{key}.behav.npy" not in members:  # a trial without its behaviour row would be dropped unseen
+            found = sorted(n for n in members if n.split(".", 1)[0] == key)
+            raise DataFormatError(f"{tar_path} sample {key} has no member {key}.behav.npy (has {found})")
+        try:
+            array = np.load(io.BytesIO(members[f"{key}.behav.npy"]), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataFormatError(f"{tar_path} member {key}.behav.npy is not a .npy array: {exc}") from exc
         if array.size != 17:
             raise DataFormatError(f"{tar_path} key {key} behav.npy has shape {array.shape}, expected (1, 17)")
         rows.append(array.reshape(17))
-    return np.stack(rows).astype(np.float64)
+    behav = np.stack(rows).astype(np.float64)
+    for column, what in INTEGER_COLUMNS.items():
+        values = behav[:, column]
+        bad = np.isfinite(values) & (values != np.round(values))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataFormatError(f"{tar_path} member {keys[i]}.behav.npy: column {column} ({what}) is "
+                                  f"{values[i]!r}, not an integer")
+    return behav
 
 
 class MindEyeV2Source:
@@ -89,6 +109,9 @@ class MindEyeV2Source:
         available = len(list(train_dir.glob("*.tar")))
         if available == 0:
             raise DataFormatError(f"missing MindEyeV2 training shards: no {train_dir}/*.tar")
+        if num_sessions is not None and num_sessions < 1:  # 0 would mean "all", -1 a subject with no data
+            raise DataFormatError(f"--sessions {num_sessions}: give a number of sessions >= 1 (omit it for all "
+                                  f"{available} sessions in {train_dir})")
         if num_sessions is not None and num_sessions > available:
             raise DataFormatError(f"--sessions {num_sessions} exceeds the {available} sessions in {train_dir}")
         self.num_sessions = num_sessions or available
@@ -164,14 +187,50 @@ def expected_voxels(root: Path, subject: str, roi_mask: Path | None) -> tuple[in
     return NSD_VOXELS.get(subject), "the NSD nsdgeneral voxel table"
 
 
+class NoCaptionsWarning(UserWarning):
+    """The import writes no captions (``captions: []`` in every sample): text targets cannot be cached from it."""
+
+
 def _load_json_map(path: Path | None, what: str) -> dict[int, list[str]]:
     if path is None or not path.exists():
         return {}
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataFormatError(f"{what} file {path} is not valid JSON: {exc}") from exc
-    return {int(k): [v] if isinstance(v, str) else list(v) for k, v in raw.items()}
+    if not isinstance(raw, dict):
+        raise DataFormatError(f"{what} file {path} must map nsd_id to a list of strings, got {type(raw).__name__}")
+    try:
+        return {int(k): [v] if isinstance(v, str) else [str(x) for x in v] for k, v in raw.items()}
+    except (TypeError, ValueError) as exc:
+        raise DataFormatError(f"{what} file {path} must map integer nsd_id keys to lists of strings: {exc}") from exc
+
+
+def annotation_record(path: Path | None, entries: Mapping[int, list[str]]) -> dict[str, Any] | None:
+    """What the resume state records of a captions or categories file: its path, a SHA-256 of its bytes and how
+    many images it annotates (None without one), so that a re-run with other annotations rewrites the output."""
+    if path is None or not path.exists():
+        return None
+    return {"file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "images": sum(1 for v in entries.values() if v)}
+
+
+def load_captions(root: Path, captions: str | Path | None) -> tuple[dict[int, list[str]], Path | None]:
+    """The captions map and its file: ``--captions`` must exist; the default ``ROOT/coco_captions.json`` may be
+    absent, but an import without any captions warns loudly (a text target would embed "" for every image)."""
+    if captions is not None:
+        path = _require(Path(captions), "--captions file")
+    else:
+        path = root / "coco_captions.json"
+    caption_map = _load_json_map(path, "--captions" if captions is not None else "captions")
+    if not any(caption_map.values()):
+        where = f"--captions {path} holds none" if captions is not None else (
+            f"{path} is empty" if path.exists() else f"no {path}")
+        warnings.warn(f"importing without captions ({where}): every sample gets captions: [] and text targets "
+                      "(experiments.cache_targets --text-model) will refuse this data; pass --captions FILE",
+                      NoCaptionsWarning, stacklevel=3)
+        return caption_map, path if path.exists() else None
+    return caption_map, path
 
 
 def import_mindeye2(mindeye2_root: str | Path, out: str | Path, subjects: Sequence[int | str], *,
@@ -187,10 +246,11 @@ def import_mindeye2(mindeye2_root: str | Path, out: str | Path, subjects: Sequen
     """
     root = Path(mindeye2_root)
     _require(root, "MindEyeV2 root directory")
-    caption_map = _load_json_map(Path(captions) if captions else root / "coco_captions.json", "captions")
-    category_map = _load_json_map(Path(coco_categories) if coco_categories else None, "--coco-categories")
-    if coco_categories:
-        _require(Path(coco_categories), "--coco-categories file")
+    caption_map, caption_path = load_captions(root, captions)
+    category_path = _require(Path(coco_categories), "--coco-categories file") if coco_categories else None
+    category_map = _load_json_map(category_path, "--coco-categories")
+    annotations = {"captions": annotation_record(caption_path, caption_map),
+                   "categories": annotation_record(category_path, category_map)}
     summary = {}
     for subj in subjects:
         name = subject_name(subj)
@@ -200,7 +260,8 @@ def import_mindeye2(mindeye2_root: str | Path, out: str | Path, subjects: Sequen
             expected, origin = expected_voxels(root, name, mask)
             if check_voxel_count and expected is not None and expected != source.num_voxels:
                 raise DataFormatError(f"voxel count mismatch: {source.betas_path} key 'betas' has "
-                                      f"{source.num_voxels} columns, {origin} says {expected} for {name}")
+                                      f"{source.num_voxels} columns, {origin} says {expected} for {name} "
+                                      "(for data other than NSD's nsdgeneral ROI pass --no-voxel-check)")
             trials = source.trials
             stats, normalisation = None, RELEASE_NORMALISATION
             if renormalise:
@@ -215,7 +276,7 @@ def import_mindeye2(mindeye2_root: str | Path, out: str | Path, subjects: Sequen
                 sessions=[int(s) for s in train_sessions if s <= source.num_sessions],
                 image_size=image_size or source.image_size, image_format=image_format,
                 test_shard_size=test_shard_size, chunk_rows=chunk_rows, normalisation=normalisation,
-                source=f"mindeye2:{root.resolve()}")
+                source=f"mindeye2:{root.resolve()}", **annotations)
             extra_files = {"nsdgeneral.nii.gz": lambda p, m=mask: p.write_bytes(m.read_bytes())} if mask else {}
             extra_meta = {"roi_mask": "nsdgeneral.nii.gz" if mask else None}
             meta = write_subject(source, trials, out, name, options, stats=stats, captions=caption_map,

@@ -9,6 +9,7 @@ and ``valid`` (b,) (False on DDP padding copies).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -17,11 +18,27 @@ import lightning as L
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
+from datamodules.atomic import writable_dir
 from datamodules.errors import DataFormatError
 from datamodules.shard_format import decode_sample, load_subject_meta, read_tar_members, subject_name
 from datamodules.streams import EvalStream, TrainStream, epoch_pass_batches
 from datamodules.target_cache import TargetCache
-from datamodules.val_split import build_val_shard, choose_val_ids, val_cache_path
+from datamodules.val_split import build_val_shard, choose_val_ids, source_fingerprint, val_cache_path
+
+
+def _check_numbers(**checks: tuple[Any, int, bool]) -> None:
+    """``name=(value, minimum, may_be_none)``: each must be an integer >= minimum (a negative batch size would
+    never yield a batch, zero divides by zero): one line naming the option otherwise."""
+    for name, (value, minimum, may_be_none) in checks.items():
+        if value is None and may_be_none:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise DataFormatError(f"data.{name} must be an integer >= {minimum}"
+                                  f"{' (or null)' if may_be_none else ''}, got {value!r}")
+
+
+def _user_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "morebrain"
 
 
 class EpochLoader(DataLoader):
@@ -93,7 +110,11 @@ class NSDDataModule(L.LightningDataModule):
         load_images: decode images (stages that use cached targets only can turn this off).
         targets: ``{name: directory}`` target caches joined by nsd_id (relative paths are below ``data_dir``).
         target_shapes: ``{name: shape}`` expected per-item shapes; a cache of another shape is refused.
-        val_cache_dir: where validation shards are materialised (default ``data_dir/val_cache``).
+        val_cache_dir: where validation shards are materialised (default ``data_dir/val_cache``, or, when
+            ``data_dir`` is read-only, e.g. a shared dataset on a cluster, ``<trainer.default_root_dir>/val_cache``
+            with a Trainer and ``$XDG_CACHE_HOME/morebrain/val_cache`` without one). A shard is named by a hash of
+            the validation choice and of the session shards it is built from (sizes, modification times), so
+            re-imported data is never validated against a cache of the old voxels.
         predict_split: the split ``predict`` iterates (``test`` or ``val``).
     """
 
@@ -108,6 +129,12 @@ class NSDDataModule(L.LightningDataModule):
                  train_sampling: Literal["resampled", "epoch"] = "resampled"):
         super().__init__()
         self.save_hyperparameters()
+        _check_numbers(num_sessions=(num_sessions, 1, True), eval_batch_size=(eval_batch_size, 1, False),
+                       num_workers=(num_workers, 0, False), samples_per_epoch=(samples_per_epoch, 1, True),
+                       val_images=(val_images, 0, False), seed=(seed, 0, False),
+                       shuffle_buffer=(shuffle_buffer, 1, False), shuffle_initial=(shuffle_initial, 0, False))
+        _check_numbers(**{f"batch_size[{k}]" if isinstance(batch_size, dict) else "batch_size": (v, 1, False)
+                          for k, v in (batch_size.items() if isinstance(batch_size, dict) else [("", batch_size)])})
         self.data_dir = Path(data_dir)
         self.subjects = [subject_name(s) for s in (subjects or ["subj01"])]
         if len(set(self.subjects)) != len(self.subjects):
@@ -133,6 +160,7 @@ class NSDDataModule(L.LightningDataModule):
         if unknown:
             raise DataFormatError(f"data.target_shapes names {sorted(unknown)}, which data.targets lacks")
         self.val_cache_dir = Path(val_cache_dir) if val_cache_dir else self.data_dir / "val_cache"
+        self._val_cache_given = val_cache_dir is not None
         self.predict_split = predict_split
         if train_sampling not in ("resampled", "epoch"):
             raise DataFormatError(f"data.train_sampling must be 'resampled' or 'epoch', got {train_sampling!r}")
@@ -216,6 +244,31 @@ class NSDDataModule(L.LightningDataModule):
         return max(1, samples // (sum(self.batch_sizes.values()) * world))
 
     # ---------------------------------------------------------------- Lightning hooks
+    def _val_cache_dirs(self) -> list[Path]:
+        """Where validation shards are looked for, in order: ``data.val_cache_dir`` when set; else
+        ``data_dir/val_cache`` and the fallback used when ``data_dir`` is read-only (the run's root directory
+        with a Trainer, the user cache directory without)."""
+        if self._val_cache_given:
+            return [self.val_cache_dir]
+        fallback = (Path(self.trainer.default_root_dir) if self.trainer is not None else _user_cache_dir())
+        return [self.val_cache_dir, fallback / "val_cache"]
+
+    def _val_cache_file(self, s: str, build: bool = False) -> Path:
+        """The validation shard of ``s``: the first that exists among ``_val_cache_dirs``; with ``build``, else
+        where it is to be written (the first writable directory; none is one line naming them)."""
+        ids, sessions = self.val_ids(s), self.sessions(s)
+        fingerprint = source_fingerprint(self.data_dir / s, self.metas[s], sessions)
+        paths = [val_cache_path(d, s, sessions, ids, fingerprint) for d in self._val_cache_dirs()]
+        found = next((p for p in paths if p.exists()), None)
+        if found is not None or not build:
+            return found or paths[0]
+        target = next((p for p in paths if writable_dir(p.parent)), None)
+        if target is None:
+            raise DataFormatError(f"cannot write the validation shard of {s}: "
+                                  f"{' and '.join(str(p.parent) for p in paths)} are not writable "
+                                  "(set data.val_cache_dir to a writable directory)")
+        return target
+
     def prepare_data(self) -> None:
         """Validate metadata, and materialise validation shards once (rank zero of each node)."""
         self._load_metas()
@@ -223,12 +276,19 @@ class NSDDataModule(L.LightningDataModule):
             ids = self.val_ids(s)
             if ids:
                 build_val_shard(self.data_dir / s, self.metas[s], self.sessions(s), ids,
-                                val_cache_path(self.val_cache_dir, s, self.sessions(s), ids))
+                                self._val_cache_file(s, build=True))
 
     def setup(self, stage: str | None = None) -> None:
         self._load_metas()
         self.targets = {name: TargetCache(d, self.target_shapes.get(name)) for name, d in self.target_dirs.items()}
         for s in self.subjects:
+            sessions = set(self.sessions(s))
+            listed = [x["shard"] for x in self.metas[s]["sessions"] if x["session"] in sessions]
+            listed += [x["shard"] for x in self.metas[s]["test"]["shards"]]
+            missing = [self.data_dir / s / name for name in listed if not (self.data_dir / s / name).is_file()]
+            if missing:
+                raise DataFormatError(f"shard {missing[0]} is missing (listed in {self.data_dir / s / 'meta.json'}"
+                                      f"{f'; {len(missing) - 1} more' if len(missing) > 1 else ''})")
             if self.train_trials(s) == 0:
                 raise DataFormatError(f"{s}: no training trials left in sessions {self.sessions(s)}")
 
@@ -242,7 +302,8 @@ class NSDDataModule(L.LightningDataModule):
                            shuffle_buffer=self.shuffle_buffer, shuffle_initial=self.shuffle_initial,
                            load_images=self.load_images, targets=self.targets, sampling=self.train_sampling,
                            world_size=world, num_samples=self.train_trials(s), num_workers=self.num_workers,
-                           max_batches=self.num_train_batches())  # epoch pass: as many as the subject with fewest
+                           max_batches=self.num_train_batches(),  # epoch pass: as many as the subject with fewest
+                           num_voxels=int(meta["num_voxels"]))
 
     def _loader_kwargs(self) -> dict[str, Any]:
         return {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
@@ -258,12 +319,13 @@ class NSDDataModule(L.LightningDataModule):
         rank, world = self.rank_and_world()
         stream = EvalStream(shards, subject=s, batch_size=self.eval_batch_size, rank=rank, world_size=world,
                             max_repeats=int(self.metas[s]["max_repeats"]), pad_repeats=self.pad_repeats,
-                            load_images=self.load_images, targets=self.targets)
+                            load_images=self.load_images, targets=self.targets,
+                            num_voxels=int(self.metas[s]["num_voxels"]))
         return DataLoader(stream, batch_size=None, **self._loader_kwargs())
 
     def _val_shards(self, s: str) -> list[tuple[str, list[int]]]:
         ids = self.val_ids(s)
-        path = val_cache_path(self.val_cache_dir, s, self.sessions(s), ids)
+        path = self._val_cache_file(s)
         if not path.exists():
             raise DataFormatError(f"validation shard {path} is missing: prepare_data() has not run "
                                   "(Lightning calls it; call it yourself outside a Trainer)")

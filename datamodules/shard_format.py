@@ -147,6 +147,8 @@ def read_tar_members(path: str | Path) -> dict[str, bytes]:
                     data = handle.read() if handle else b""
                     if len(data) != member.size:
                         raise tarfile.ReadError(f"member {member.name} truncated")
+                    if member.name in members:  # a second copy would silently replace the first
+                        raise DataFormatError(f"tar {path} holds member {member.name} twice")
                     members[member.name] = data
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DataFormatError(f"cannot read tar {path}: {exc} (truncated or corrupt file?)") from exc

@@ -35,7 +35,12 @@ def stream_seed(*parts: int | str) -> int:
 
 
 def raise_with_shard(exc: Exception) -> bool:
-    """webdataset handler: re-raise read errors as ``DataFormatError`` naming the shard."""
+    """webdataset handler: re-raise read errors as ``DataFormatError`` naming the shard (a missing one as such)."""
+    if isinstance(exc, DataFormatError):
+        raise exc
+    missing = next((e for e in (exc, exc.__cause__, exc.__context__) if isinstance(e, FileNotFoundError)), None)
+    if missing is not None:
+        raise DataFormatError(f"shard {missing.filename or exc} is missing") from exc
     raise DataFormatError(f"cannot read shard sample: {exc} (truncated or corrupt shard?)") from exc
 
 
@@ -48,11 +53,19 @@ def _nsd_id(raw: Mapping[str, Any]) -> int:
     return int(json.loads(raw[INFO_KEY])["nsd_id"])
 
 
-def collate(samples: Sequence[dict[str, Any]], subject: str, targets: Mapping[str, TargetCache]) -> dict[str, Any]:
+def collate(samples: Sequence[dict[str, Any]], subject: str, targets: Mapping[str, TargetCache],
+            num_voxels: int | None = None) -> dict[str, Any]:
     """Decoded samples -> sub-batch dict: ``voxels`` (b, V) or (b, R, V) float32, ``image`` (b, 3, H, W) in [0, 1],
     ``nsd_id`` (b,), ``captions``/``categories`` (lists of lists), ``subject``, one tensor per target, and for
     training trials ``session``/``trial`` (b,)."""
     ids = np.array([s["info"]["nsd_id"] for s in samples], dtype=np.int64)
+    expected = num_voxels if num_voxels is not None else samples[0]["voxels"].shape[-1]
+    odd = next((s for s in samples if s["voxels"].shape[-1] != expected), None)
+    if odd is not None:  # e.g. one session shard written from other betas: name it and both counts
+        where = "its meta.json says" if num_voxels is not None else \
+            f"other samples of the batch (from {samples[0].get('url')}) have"
+        raise DataFormatError(f"{subject}: shard {odd.get('url')} (key {odd.get('key')}) has "
+                              f"{odd['voxels'].shape[-1]} voxels, {where} {expected}")
     batch: dict[str, Any] = {
         "subject": subject,
         "voxels": torch.from_numpy(np.stack([s["voxels"] for s in samples]).astype(np.float32)),
@@ -134,7 +147,7 @@ class TrainStream(IterableDataset):
                  seed: int, exclude_ids: Sequence[int] = (), shuffle_buffer: int = 1000, shuffle_initial: int = 100,
                  load_images: bool = True, targets: Mapping[str, TargetCache] | None = None,
                  sampling: str = "resampled", world_size: int = 1, num_samples: int = 0, num_workers: int = 1,
-                 max_batches: int | None = None):
+                 max_batches: int | None = None, num_voxels: int | None = None):
         if not shards:
             raise DataFormatError(f"{subject}: no training shards selected")
         if sampling not in ("resampled", "epoch"):
@@ -153,6 +166,7 @@ class TrainStream(IterableDataset):
         self.exclude_ids = frozenset(int(i) for i in exclude_ids)
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
         self.load_images, self.targets = load_images, dict(targets or {})
+        self.num_voxels = num_voxels  # the subject's voxel count (meta.json): a sample of another is refused
         self.epoch = mp.Value("i", 0)  # shared with loader workers; set by EpochLoader before each epoch
         # batches of this epoch that a resumed run trained before it was interrupted (set by EpochLoader): they are
         # drawn as before, so the rest of the epoch is what the uninterrupted run got, but not decoded or yielded
@@ -214,7 +228,7 @@ class TrainStream(IterableDataset):
                 continue
             pending.append(decode_sample(sample, self.load_images))
             if len(pending) == self.batch_size:
-                batch = collate(pending, self.subject, self.targets)
+                batch = collate(pending, self.subject, self.targets, self.num_voxels)
                 batch.update(worker=worker, epoch=epoch)
                 yield batch
                 pending, emitted = [], emitted + 1
@@ -242,7 +256,8 @@ class EvalStream(IterableDataset):
 
     def __init__(self, shards: Sequence[tuple[str, Sequence[int]]], *, subject: str, batch_size: int, rank: int,
                  world_size: int, max_repeats: int = 3, pad_repeats: str = "zeros", load_images: bool = True,
-                 targets: Mapping[str, TargetCache] | None = None):
+                 targets: Mapping[str, TargetCache] | None = None, num_voxels: int | None = None):
+        self.num_voxels = num_voxels  # the subject's voxel count (meta.json): a sample of another is refused
         if pad_repeats not in ("zeros", "duplicate"):
             raise DataFormatError(f"pad_repeats must be 'zeros' or 'duplicate', got {pad_repeats!r}")
         self.shards = [(url, [int(i) for i in ids]) for url, ids in shards]
@@ -296,7 +311,7 @@ class EvalStream(IterableDataset):
 
     def _collate(self, positions: list[int], valid: list[bool], decoded: dict[int, dict]) -> dict[str, Any]:
         samples = [decoded[self.order[p]] for p in positions]
-        batch = collate(samples, self.subject, self.targets)
+        batch = collate(samples, self.subject, self.targets, self.num_voxels)
         batch["repeat_mask"] = torch.from_numpy(np.stack([s["repeat_mask"] for s in samples]))
         batch["valid"] = torch.tensor(valid, dtype=torch.bool)
         return batch

@@ -8,6 +8,7 @@ removed and redone, and ``meta.json`` (written last) marks the subject complete.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from datamodules.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
+from datamodules.atomic import atomic_path, output_lock, remove_stale_temporaries, write_json_atomic
 from datamodules.errors import DataFormatError
 from datamodules.provenance import provenance
 from datamodules.shard_format import (
@@ -31,6 +32,7 @@ from datamodules.shard_format import (
 )
 
 STATE_FILE = ".import_state.json"
+LOCK_FILE = ".import.lock"
 
 
 @dataclass
@@ -76,6 +78,14 @@ class WriteOptions:
     chunk_rows: int = 256
     normalisation: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    # the captions and categories files the samples' info was written from (path, SHA-256, images annotated):
+    # a re-run with other ones rewrites the subject instead of keeping the old annotations
+    captions: dict[str, Any] | None = None
+    categories: dict[str, Any] | None = None
+
+
+# options whose change only alters the samples' annotations: a re-run with other ones rewrites the subject
+REWRITTEN_ON_CHANGE = ("captions", "categories")
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
@@ -162,11 +172,26 @@ def _check_resume(out: Path, options: WriteOptions) -> bool:
     state_path = out / STATE_FILE
     wanted = json.loads(json.dumps(options.__dict__))
     if state_path.exists():
-        previous = json.loads(state_path.read_text())
-        if previous != wanted:
-            changed = sorted(k for k in wanted if previous.get(k) != wanted[k])
+        try:
+            previous = json.loads(state_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(f"{state_path} is not valid JSON: {exc}; delete {out} and re-run") from exc
+        legacy = [k for k in REWRITTEN_ON_CHANGE if k not in previous and wanted.get(k) is not None]
+        if legacy and (out / "meta.json").exists():  # complete, from before annotations were recorded: keep it
+            warnings.warn(f"{out} was imported before its {' and '.join(legacy)} were recorded: kept as it is "
+                          "(delete that directory to re-import with these)", stacklevel=2)
+            previous.update({k: wanted[k] for k in legacy})
+        # other keys a state of an older version lacks count as None (the default of an option added since)
+        changed = sorted(k for k in set(wanted) | set(previous) if previous.get(k) != wanted.get(k))
+        if set(changed) - set(REWRITTEN_ON_CHANGE):
             raise DataFormatError(f"{out} holds output written with other options (differs in {changed}); "
                                   "choose a new --out or delete that directory")
+        if changed:  # other captions/categories: every sample's info changes, so every shard is rewritten
+            warnings.warn(f"{out}: {' and '.join(changed)} differ from the previous import: rewriting the subject", stacklevel=2)
+            for path in [out / "meta.json", *sorted(out.glob("train/*.tar")), *sorted(out.glob("test/*.tar"))]:
+                path.unlink(missing_ok=True)
+            write_json_atomic(state_path, wanted)
+            return False
         return (out / "meta.json").exists()
     if (out / "meta.json").exists():
         raise DataFormatError(f"{out} already holds a prepared subject with no import state; "
@@ -191,6 +216,14 @@ def write_subject(source: SubjectSource, trials: TrialTable, out_root: str | Pat
     captions, categories = captions or {}, categories or {}
     out = Path(out_root) / subject
     out.mkdir(parents=True, exist_ok=True)
+    # one writer per subject directory: a second run into it is refused (it would delete this one's temporaries)
+    with output_lock(out, "import", LOCK_FILE):
+        return _write_subject_locked(source, trials, out, subject, options, stats, captions, categories,
+                                     extra_meta, extra_files, progress)
+
+
+def _write_subject_locked(source, trials, out, subject, options, stats, captions, categories, extra_meta,
+                          extra_files, progress) -> dict[str, Any]:
     remove_stale_temporaries(out)
     if _check_resume(out, options):
         return json.loads((out / "meta.json").read_text())

@@ -42,8 +42,28 @@ def choose_val_ids(meta: Mapping[str, Any], sessions: Sequence[int], num_images:
     return sorted(int(i) for i in rng.choice(ids, size=num_images, replace=False))
 
 
-def val_cache_path(cache_dir: Path, subject: str, sessions: Sequence[int], ids: Sequence[int]) -> Path:
-    digest = hashlib.sha1(json.dumps([FORMAT_VERSION, list(sessions), list(ids)]).encode()).hexdigest()[:12]
+def source_fingerprint(subject_root: Path, meta: Mapping[str, Any], sessions: Sequence[int]) -> list:
+    """What a validation shard is built from: the voxel count and, per selected session shard, its name, size and
+    modification time (a re-import rewrites the shards, so it changes this; a missing shard is named here)."""
+    parts: list = [int(meta["num_voxels"])]
+    for s in meta["sessions"]:
+        if s["session"] in sessions:
+            path = Path(subject_root) / s["shard"]
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                raise DataFormatError(f"session shard {path} is missing (listed in "
+                                      f"{Path(subject_root) / 'meta.json'})") from None
+            parts.append([s["shard"], stat.st_size, stat.st_mtime_ns])
+    return parts
+
+
+def val_cache_path(cache_dir: Path, subject: str, sessions: Sequence[int], ids: Sequence[int],
+                   fingerprint: Sequence[Any] = ()) -> Path:
+    """The cache shard of one validation choice, named by a hash of the format version, sessions, ids and the
+    ``fingerprint`` of the shards it is built from (``source_fingerprint``): re-imported data gets a new one."""
+    key = [FORMAT_VERSION, list(sessions), list(ids), list(fingerprint)]
+    digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
     return cache_dir / subject / f"val-{digest}.tar"
 
 
@@ -62,6 +82,9 @@ def build_val_shard(subject_root: Path, meta: Mapping[str, Any], sessions: Seque
         if info["nsd_id"] not in wanted:
             continue
         voxels = np.load(io.BytesIO(raw[VOXEL_KEY]), allow_pickle=False)
+        if voxels.shape[-1:] != (int(meta["num_voxels"]),):
+            raise DataFormatError(f"shard {raw.get('__url__')} (key {raw.get('__key__')}) has {voxels.shape[-1]} "
+                                  f"voxels, {Path(subject_root) / 'meta.json'} says {meta['num_voxels']}")
         trials[info["nsd_id"]].append((info["global_trial"], voxels, info))
         ext = next(k for k in IMAGE_KEYS if k in raw)
         images.setdefault(info["nsd_id"], (ext, raw[ext]))

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
-from datamodules.errors import DataFormatError
+from datamodules.errors import run_command
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run ``main``; a ``DataFormatError`` becomes ``error: <message>`` on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except DataFormatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Run ``main``; a user error (``DataFormatError``, missing weights, an unwritable output path) becomes
+    ``error: <message>`` on stderr and exit status 2; ``--debug`` or ``MOREBRAIN_DEBUG=1`` keeps the traceback
+    (``datamodules.errors.run_command``)."""
+    return run_command(main, argv)

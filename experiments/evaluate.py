@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from datamodules.errors import DataFormatError
+from datamodules.errors import DataFormatError, debug_requested
 from experiments.evaluation.inputs import EvaluationInputError
 from experiments.evaluation.suite import METRICS, WEIGHT_OPTIONS, EvaluationConfig
 from lightning_modules.components.target_embedders import MissingWeightsError
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except (DataFormatError, MissingWeightsError) as exc:  # bad input or weights: one line, exit status 2
+        if debug_requested():
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -121,4 +123,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from datamodules.errors import run_command
+
+    sys.exit(run_command(main))

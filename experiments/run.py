@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+from pathlib import Path
 from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,7 +23,56 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from callbacks.atomic_checkpoint_io import refuse_if_damaged  # noqa: E402
+from callbacks.run_lock import RunDirectoryLock  # noqa: E402
 from lightning_modules.checkpoint_files import refusal  # noqa: E402
+
+STAGES = {"BrainEncoderModule": "stage 1", "RoutedDiffusionModule": "stage 2"}
+
+
+def _stage_of(class_path: str, may_import: bool) -> str | None:
+    """"stage 1"/"stage 2" of a module class (by its class or a base class name), None when unknown. A class path
+    read from a checkpoint is never imported (``may_import=False``: only an already loaded module is looked in), so
+    a crafted file cannot make this import anything."""
+    import importlib
+
+    module_name, _, name = class_path.rpartition(".")
+    if name in STAGES:
+        return STAGES[name]
+    module = sys.modules.get(module_name)
+    if module is None and may_import:
+        try:
+            module = importlib.import_module(module_name)
+        except (ImportError, ValueError):
+            return None
+    cls = getattr(module, name, None) if module is not None else None
+    return next((STAGES[c.__name__] for c in getattr(cls, "__mro__", ()) if c.__name__ in STAGES), None)
+
+
+def check_checkpoint_module(ckpt_path: str | None, class_path: str | None) -> None:
+    """Refuse a ``--ckpt_path`` checkpoint of another LightningModule than ``model.class_path`` (a stage-2
+    checkpoint given to a stage-1 fit, or the reverse) before anything runs: LightningCLI would otherwise take the
+    checkpoint's class with this config's settings and fail later inside a callback. Reads the checkpoint with
+    ``weights_only=True`` (memory-mapped: nothing is executed, little is read); a file that cannot be read so is
+    left to the damaged-checkpoint check."""
+    import torch
+
+    from datamodules.errors import DataFormatError
+
+    if not ckpt_path or not class_path or not Path(ckpt_path).is_file():
+        return  # "last"/"best" or a missing file: Lightning resolves or reports those
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable here: refuse_if_damaged names it on the CLI's own load
+        return
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    saved = hparams.get("_class_path") if isinstance(hparams, dict) else None
+    if not isinstance(saved, str):
+        return
+    saved_stage, wanted_stage = _stage_of(saved, may_import=False), _stage_of(class_path, may_import=True)
+    if saved_stage and wanted_stage and saved_stage != wanted_stage:
+        raise DataFormatError(f"--ckpt_path {ckpt_path} is a {saved_stage} checkpoint (of {saved}), but "
+                              f"model.class_path is {class_path} ({wanted_stage}): give a {wanted_stage} checkpoint, "
+                              f"or the {saved_stage} configs")
 
 
 def num_voxels_of(datamodule) -> dict[str, int]:
@@ -40,6 +90,10 @@ class MoreBrainCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """LightningCLI ``torch.load``s a ``--ckpt_path`` file itself (for its hyperparameters) before the Trainer and
         its CheckpointIO exist: a damaged file would fail there with a zip/pickle traceback; name it instead."""
+        if self.config.get("subcommand"):
+            sub = self.config[self.config.subcommand]
+            model = sub.get("model")
+            check_checkpoint_module(sub.get("ckpt_path"), getattr(model, "class_path", None) if model else None)
         try:
             super()._parse_ckpt_path()  # torch.load(..., weights_only=True): a pickle payload never runs
         except (SystemExit, KeyboardInterrupt, ImportError, MemoryError):
@@ -52,6 +106,23 @@ class MoreBrainCLI(LightningCLI):
             refuse_if_damaged(self.config[self.config.subcommand].get("ckpt_path"))
             raise
 
+    def _run_lock(self) -> RunDirectoryLock | None:
+        return next((c for c in self.trainer.callbacks if isinstance(c, RunDirectoryLock)), None)
+
+    def before_fit(self) -> None:
+        """Take the version directory's lock before ``trainer.fit`` opens any file in it (``RunDirectoryLock``)."""
+        lock = self._run_lock()
+        if lock is not None:
+            lock.acquire(self.trainer)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:  # released however the fit ends (the callback also releases at teardown and on an exception)
+            lock = self._run_lock() if getattr(self, "trainer", None) is not None else None
+            if lock is not None:
+                lock.release()
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data", "model.init_args.num_voxels", compute_fn=num_voxels_of, apply_on="instantiate")
 
@@ -59,6 +130,8 @@ class MoreBrainCLI(LightningCLI):
         if not self._instantiate:
             return
         super().instantiate_classes()
+        if self.subcommand == "fit" and not any(isinstance(c, RunDirectoryLock) for c in self.trainer.callbacks):
+            self.trainer.callbacks.insert(0, RunDirectoryLock())  # one live fit per logger version directory
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if hasattr(self.model, "run_config"):
             self.model.run_config = self._parser(self.subcommand).dump(config, skip_link_targets=False)
@@ -78,6 +151,17 @@ def cli_main(args: list[str] | None = None, run: bool = True, instantiate: bool 
                             auto_configure_optimizers=False)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The command line: a user error (unknown subject, too many sessions, ``val_images`` too large, a checkpoint
+    of the other stage, ...) is one line on stderr and exit status 2; ``--debug`` or ``MOREBRAIN_DEBUG=1`` keeps
+    the traceback."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    with mock.patch.object(sys, "argv", [sys.argv[0], *args]):  # Lightning's DDP launcher re-runs sys.argv
+        cli_main()
+    return 0
+
+
 if __name__ == "__main__":
-    cli_main()
-    sys.exit(0)
+    from datamodules.errors import run_command
+
+    sys.exit(run_command(main))

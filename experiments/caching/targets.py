@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from datamodules.errors import DataFormatError
 from datamodules.shard_format import INFO_KEY, decode_sample, load_subject_meta, subject_name
 from datamodules.streams import raise_with_shard
 from datamodules.target_cache import write_target_cache
@@ -33,6 +34,32 @@ def unique_images(data_dir: str | Path, subjects: list[str], load_images: bool =
             yield nsd_id, sample["image"], sample["info"].get("captions", [])
 
 
+def images_without_captions(data_dir: str | Path, subjects: list[str]) -> dict[str, tuple[int, int]]:
+    """Per subject: (images whose samples carry no caption, images), over its train and test shards (the json
+    members only; nothing is decoded)."""
+    counts = {}
+    for subject in subjects:
+        meta = load_subject_meta(data_dir, subject)
+        shards = [s["shard"] for s in meta["sessions"]] + [s["shard"] for s in meta["test"]["shards"]]
+        urls = [{"url": str(Path(data_dir) / meta["subject"] / s)} for s in shards]
+        captioned: dict[int, bool] = {}
+        for raw in wds.tarfile_to_samples(handler=raise_with_shard)(urls):
+            info = json.loads(raw[INFO_KEY])
+            nsd_id = int(info["nsd_id"])
+            captioned[nsd_id] = captioned.get(nsd_id, False) or any(str(c).strip() for c in info.get("captions", []))
+        counts[meta["subject"]] = (sum(1 for v in captioned.values() if not v), len(captioned))
+    return counts
+
+
+def require_captions(data_dir: str | Path, subjects: list[str], option: str = "--text-model") -> None:
+    """Refuse a text target over data without captions (it would embed "" for those images: a constant target)."""
+    lacking = {s: c for s, c in images_without_captions(data_dir, subjects).items() if c[0]}
+    if lacking:
+        detail = ", ".join(f"{s}: {m} of {n} images" for s, (m, n) in lacking.items())
+        raise DataFormatError(f"{option}: a text target needs captions, but images of {data_dir} have none "
+                              f"({detail}); re-import with --captions FILE (python -m experiments.prepare_nsd)")
+
+
 def _batches(items: Iterator, size: int) -> Iterator[list]:
     batch = []
     for item in items:
@@ -51,6 +78,8 @@ def cache_targets(data_dir: str | Path, subjects: list[str | int], out_dir: str 
     tokens MindEye2 targets) and/or ``out_dir/clip_text`` (text model) caches over every image of ``subjects``;
     returns the written directories."""
     names = [subject_name(s) for s in subjects]
+    if text_model:  # before any model loads: a text target over uncaptioned images is a constant
+        require_captions(data_dir, names)
     out_dir, written = Path(out_dir), {}
     jobs = []
     if image_model:

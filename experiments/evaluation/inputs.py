@@ -97,9 +97,14 @@ def find_reconstructions(recons_dir: str | Path, subject: str | int, ids: np.nda
     by_id, ignored = {}, 0
     for path in _image_files(folder):
         try:
-            by_id[int(path.stem)] = path
+            nsd_id = int(path.stem)
         except ValueError:
             ignored += 1
+            continue
+        if nsd_id in by_id:  # 1.png and 000001.png (or 1.jpg): which one is meant is not ours to guess
+            raise EvaluationInputError(f"--recons: {by_id[nsd_id]} and {path} are both the reconstruction of nsd_id "
+                                       f"{nsd_id} of {name}: keep one")
+        by_id[nsd_id] = path
     missing = [int(i) for i in ids if int(i) not in by_id]
     if missing:
         raise EvaluationInputError(f"--recons: {folder} lacks the reconstructions of {len(missing)} of {len(ids)} "
@@ -112,9 +117,31 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+# Pillow modes of integer images deeper than 8 bits (16-bit grayscale PNGs open as "I" or "I;16*"): converting
+# them with ``convert("RGB")`` clips every value above 255, i.e. almost every pixel, to white (a constant image)
+WIDE_INTEGER_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
 def read_image(path: Path) -> np.ndarray:
-    with Image.open(path) as pil:
-        return np.array(pil.convert("RGB"))
+    """An image file -> (H, W, 3) uint8: 8-bit modes as Pillow converts them, 16-bit integer images scaled to 8 bits
+    (x / 257, rounded); a float image or an unreadable file is one line naming the file."""
+    try:
+        with Image.open(path) as pil:
+            if pil.mode in WIDE_INTEGER_MODES:
+                values = np.asarray(pil, dtype=np.int64)
+                if values.size and (values.min() < 0 or values.max() > 65535):
+                    raise EvaluationInputError(f"--recons: {path} has {pil.mode} pixel values outside 0..65535 "
+                                               f"({values.min()}..{values.max()}): save it as an 8- or 16-bit image")
+                gray = np.round(values / 257.0).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=-1)
+            if pil.mode == "F":
+                raise EvaluationInputError(f"--recons: {path} is a floating-point ({pil.mode}) image: save it as an "
+                                           "8- or 16-bit PNG")
+            return np.array(pil.convert("RGB"))
+    except EvaluationInputError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # corrupt/truncated/not an image
+        raise EvaluationInputError(f"--recons: cannot read {path}: {exc}") from exc
 
 
 class ImageSet:
