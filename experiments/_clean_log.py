@@ -7,6 +7,7 @@ both stages through it and fails on any other warning.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 _LIGHTNING_TIP = "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]"
@@ -37,6 +38,11 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training\. This "
                             r"may lead to unexpected behavior during training\. If this is intentional, you can "
                             r"ignore this warning\.")
+    # On any machine with Slurm installed Lightning hints at srun for every run outside srun; outside an allocation
+    # (no SLURM_JOB_ID: a local run, a login node) that is not this run's concern. Inside one it stays visible: there
+    # a run without srun is the mistake the hint is for (our sbatch script always uses srun)
+    if "SLURM_JOB_ID" not in os.environ:
+        warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used\.")
     # An advertisement printed (logging, INFO) on every fit without a LitLogger
     import lightning.pytorch.utilities.rank_zero  # noqa: F401  (points rank_zero.log at Lightning's logger)
     from lightning_utilities.core import rank_zero

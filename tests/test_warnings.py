@@ -82,7 +82,8 @@ def _fit_and_record(args: list[str]) -> list[str]:
     return _shown(caught, handler)
 
 
-def test_tiny_fit_through_the_cli_shows_no_warning(small_data, targets, tmp_path):
+def test_tiny_fit_through_the_cli_shows_no_warning(small_data, targets, tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # a local run (Slurm installed here or not)
     shown = _fit_and_record(_stage1_args(small_data, tmp_path))
     assert (tmp_path / "stage1_tiny" / "run" / "checkpoints" / "last.ckpt").exists()
     assert not shown, "warnings outside the allow-list:\n" + "\n".join(shown)
@@ -125,12 +126,13 @@ def test_no_module_is_in_eval_mode_when_stage1_training_starts(small_data, targe
 
 @pytest.mark.slow
 def test_tiny_stage2_fit_shows_no_warning_and_only_its_frozen_parts_are_in_eval_mode(
-        small_data, tiny_models, stage1_checkpoints, tmp_path):
+        small_data, tiny_models, stage1_checkpoints, tmp_path, monkeypatch):
     """Stage 2 keeps the VAE and the frozen stage-1 encoders in eval mode (documented), nothing else (the UNet
     trains its LoRA); its tiny fit shows no warning outside the allow-list either."""
     from experiments.run import cli_main
     from tests.test_stage2_cli import overrides
 
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     args = overrides(small_data, tiny_models, stage1_checkpoints, tmp_path, "run")
     cli = cli_main(args, run=False)
     in_eval = {name.split(".")[0] for name, module in cli.model.named_modules() if not module.training}
