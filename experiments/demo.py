@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fit took {time.perf_counter() - t:.0f} s")
         step(f"test {target} on the shared test images, beside a ridge baseline")
         cli_main(["test", *common, f"--ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "--verbose=false"])
-        ridge_main([*common[: 2 * len(configs)], "--compare", str(run_dir / "test_metrics.json"), "--predictions", str(ridge_dir / target)])
+        ridge_main([*common[: 2 * len(configs)], "--data-dir", str(data), "--compare", str(run_dir / "test_metrics.json"), "--predictions", str(ridge_dir / target)])
         stage1[target] = run_dir
 
     stage2, stage2_dir = options(STAGE2_CONFIGS, "stage2_world")

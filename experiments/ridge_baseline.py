@@ -23,12 +23,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", required=True, help="run config(s), as for experiments.run")
     parser.add_argument("--compare", default=None, help="a stage-1 test_metrics.json to print beside")
+    parser.add_argument("--data-dir", default=None, help="the dataset (default: the config's data.init_args.data_dir)")
     parser.add_argument("--out", default=None, help="write the baseline's results here (JSON)")
     parser.add_argument("--predictions", default=None,
                         help="write the predicted test embeddings here, a target cache per subject (DIR/subjXX), "
                              "for stage 2's model.condition_tables")
     args = parser.parse_args(argv)
-    config = load_config(args.config)
+    config = load_config(args.config, [f"--data.init_args.data_dir={args.data_dir}"] if args.data_dir else None)
     dm = build(config["data"])
     model_args = config["model"]["init_args"]
     target = model_args.get("target", "clip_image")
