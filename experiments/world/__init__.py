@@ -1,0 +1,1 @@
+"""The learned miniature world and the tiny random model factory."""
