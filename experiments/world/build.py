@@ -57,7 +57,7 @@ class Preset:
 PRESETS = {
     "full": Preset("full", 64, ClipConfig(steps=1000, input_size=32, patches=4),
                    VaeConfig(blocks=(8, 16, 32, 64), steps=300, batch=16),
-                   UnetConfig(blocks=(32, 64, 128), heads=(2, 4, 8), steps=600, batch=48),
+                   UnetConfig(blocks=(32, 64, 96), heads=(2, 4, 6), steps=500, batch=48),
                    IpConfig(steps=300, batch=48), train_scenes=4000, heldout=300, generate_n=32, sample_steps=15),
     "reduced": Preset("reduced", 32, ClipConfig(steps=300, input_size=32, patches=4),
                       VaeConfig(blocks=(8, 16, 32), steps=150, batch=16),

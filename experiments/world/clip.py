@@ -10,7 +10,7 @@ projection (the simplest honest choice: one learned text space, read by both SDX
 from __future__ import annotations
 
 import math
-import time
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -126,7 +126,9 @@ def save_clip(vision, text, tokenizer, input_size: int, out: Path) -> None:
     te1.load_state_dict(text.text_model.state_dict())
     te1.save_pretrained(out / "text_encoder")
     tokenizer.save_pretrained(out / "tokenizer_2")
-    tokenizer.save_pretrained(out / "tokenizer")
+    if (out / "tokenizer").exists():
+        shutil.rmtree(out / "tokenizer")
+    shutil.copytree(out / "tokenizer_2", out / "tokenizer")  # vocab.json, merges.txt and the tokenizer configs
 
 
 def load_clip(root: Path):

@@ -13,9 +13,8 @@ from lightning_modules.components.target_embedders import MissingWeightsError
 REQUIRED = {
     "clip": ("image_encoder/config.json", "image_encoder/preprocessor_config.json", "image_encoder/model.safetensors",
              "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder_2/config.json",
-             "text_encoder_2/model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt",
-             "tokenizer/tokenizer_config.json", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt",
-             "tokenizer_2/tokenizer_config.json"),
+             "text_encoder_2/model.safetensors", "tokenizer/tokenizer_config.json", "tokenizer_2/vocab.json",
+             "tokenizer_2/merges.txt", "tokenizer_2/tokenizer_config.json"),
     "vae": ("vae/config.json", "vae/diffusion_pytorch_model.safetensors"),
     "unet": ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
              "scheduler/scheduler_config.json"),
