@@ -56,12 +56,12 @@ class Preset:
 
 PRESETS = {
     "full": Preset("full", 64, ClipConfig(steps=1000, input_size=32, patches=4),
-                   VaeConfig(blocks=(8, 16, 32, 64), steps=300, batch=16),
-                   UnetConfig(blocks=(32, 64, 96), heads=(2, 4, 6), steps=500, batch=48),
-                   IpConfig(steps=300, batch=48), train_scenes=4000, heldout=300, generate_n=32, sample_steps=15),
+                   VaeConfig(blocks=(8, 16, 32, 64), groups=2, steps=1000, batch=16, lr=1e-3),
+                   UnetConfig(blocks=(32, 64, 96), heads=(2, 4, 6), groups=8, steps=1200, batch=48, lr=2e-3),
+                   IpConfig(steps=400, batch=48), train_scenes=4000, heldout=300, generate_n=32, sample_steps=15),
     "reduced": Preset("reduced", 32, ClipConfig(steps=300, input_size=32, patches=4),
-                      VaeConfig(blocks=(8, 16, 32), steps=150, batch=16),
-                      UnetConfig(blocks=(32, 64), heads=(2, 4), steps=250, batch=32),
+                      VaeConfig(blocks=(8, 16, 32), groups=2, steps=400, batch=16, lr=1e-3),
+                      UnetConfig(blocks=(32, 64), heads=(2, 4), groups=8, steps=400, batch=32, lr=2e-3),
                       IpConfig(steps=150, batch=32), train_scenes=2000, heldout=200, generate_n=24, sample_steps=12),
 }
 

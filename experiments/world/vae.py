@@ -21,7 +21,7 @@ from experiments.world.scenes import Scenes
 class VaeConfig:
     blocks: tuple[int, ...] = (16, 32, 64)  # 3 blocks: downscale 4
     layers_per_block: int = 1
-    groups: int = 8
+    groups: int = 2  # GroupNorm groups: with one channel per group (instance norm) the decoder loses absolute colour
     steps: int = 600
     batch: int = 32
     lr: float = 2e-3
