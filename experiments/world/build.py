@@ -62,7 +62,7 @@ PRESETS = {
     "reduced": Preset("reduced", 32, ClipConfig(steps=300, input_size=32, patches=4),
                       VaeConfig(blocks=(8, 16, 32), groups=2, steps=400, batch=16, lr=1e-3),
                       UnetConfig(blocks=(32, 64), heads=(2, 4), groups=8, steps=400, batch=32, lr=2e-3),
-                      IpConfig(steps=150, batch=32), train_scenes=2000, heldout=200, generate_n=24, sample_steps=12),
+                      IpConfig(steps=500, batch=32, lr=3e-3), train_scenes=2000, heldout=200, generate_n=24, sample_steps=12),
 }
 
 
