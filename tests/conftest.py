@@ -91,3 +91,14 @@ def stage1_checkpoints(small_data, targets, tmp_path_factory) -> dict[str, Path]
     """Tiny stage-1 checkpoints of the small dataset: ``image`` (clip_image) and ``text`` (clip_text) targets."""
     return {"image": _fit_stage1(small_data, tmp_path_factory.mktemp("stage1_image"), "clip_image"),
             "text": _fit_stage1(small_data, tmp_path_factory.mktemp("stage1_text"), "clip_text")}
+
+
+@pytest.fixture(scope="session")
+def reduced_world(tmp_path_factory) -> Path:
+    """The reduced learned world (32 px: the small dataset's image size), built once per session (tests/test_world.py
+    checks the build; tests/test_world_decoding.py decodes with it)."""
+    from experiments.world.build import build_world
+
+    out = tmp_path_factory.mktemp("world") / "reduced"
+    build_world(out, "reduced", show=False)
+    return out

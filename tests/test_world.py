@@ -16,16 +16,6 @@ from experiments.world.validate import IncompleteWorldError, WorldMismatchError,
 DEFAULT = Path(__file__).resolve().parent.parent / "experiments" / "world" / "default"
 
 
-@pytest.fixture(scope="session")
-def reduced_world(tmp_path_factory) -> Path:
-    """The reduced world (32 px), built once per session."""
-    from experiments.world.build import build_world
-
-    out = tmp_path_factory.mktemp("world") / "reduced"
-    build_world(out, "reduced", show=False)
-    return out
-
-
 def _one_line(err: Exception, *needles: str) -> None:
     text = str(err)
     assert "\n" not in text
