@@ -176,9 +176,8 @@ def test_a_captions_path_that_does_not_exist_is_refused(tmp_path, capsys):
 
 
 def test_no_captions_warns_text_targets_refuse_and_a_rerun_with_captions_rewrites(tmp_path, tiny_models):
-    from experiments.caching.targets import cache_targets
-
     from datamodules.mindeye2_import import import_mindeye2
+    from experiments.caching.targets import cache_targets
     from tests.conftest import tiny_mindeye2
 
     src = tiny_mindeye2(tmp_path / "src")
@@ -452,8 +451,9 @@ def test_a_second_fit_into_a_live_runs_version_directory_is_refused(small_data, 
 # ------------------------------------------------------------------------------------- item 4: evaluation input
 def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
     import numpy as np
-    from experiments.evaluation.inputs import read_image
     from PIL import Image
+
+    from experiments.evaluation.inputs import read_image
 
     rng = np.random.default_rng(0)
     wide = rng.integers(0, 65536, (24, 24), dtype=np.uint16)

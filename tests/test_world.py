@@ -99,8 +99,11 @@ def test_tokenizer_one_token_per_word(tmp_path):
 def test_reduced_world_loads_through_the_real_loaders(reduced_world):
     from diffusers import StableDiffusionXLPipeline
 
-    from lightning_modules.components.injection import ImageTokenProjection, install_processors, \
-        load_ip_adapter_weights
+    from lightning_modules.components.injection import (
+        ImageTokenProjection,
+        install_processors,
+        load_ip_adapter_weights,
+    )
     from lightning_modules.components.target_embedders import ClipImageEmbedder, ClipTextEmbedder
     from lightning_modules.sdxl_loading import encode_prompt, load_sdxl
 

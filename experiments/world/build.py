@@ -14,7 +14,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,13 +21,21 @@ import torch
 from datamodules.atomic import remove_stale_temporaries, write_json_atomic
 from datamodules.provenance import provenance
 from experiments.world import quality as q
-from experiments.world.clip import ClipConfig, build_clip, embed_images, embed_texts, load_clip, save_clip, train_clip
-from experiments.world.common import clip_normalise, seed_everything
+from experiments.world.clip import (
+    ClipConfig,
+    build_clip,
+    embed_images,
+    embed_texts,
+    load_clip,
+    save_clip,
+    train_clip,
+)
+from experiments.world.common import seed_everything
 from experiments.world.ip_adapter import IpConfig, load_ip_adapter, save_ip_adapter, train_ip_adapter
 from experiments.world.scenes import Scenes, all_caption_words, make_scenes
 from experiments.world.tokenizer import build_tokenizer
 from experiments.world.unet import UnetConfig, encode_prompts, euler_scheduler, sample, train_unet
-from experiments.world.vae import VaeConfig, build_vae, latent_means, reconstruct, scaling_factor, train_vae
+from experiments.world.vae import VaeConfig, build_vae, reconstruct, scaling_factor, train_vae
 
 PARTS = ("clip", "vae", "unet", "ip_adapter")
 ENTRIES = {"clip": ("image_encoder", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
