@@ -127,3 +127,11 @@ class FrozenStage1(nn.Module):
                                      noise=self.prior_noise.repeat(b, 1))
             experts = flat.reshape(b, e, d)
         return list(experts.split(self.num_experts, 1))
+
+
+def check_encoders(num_voxels: dict[str, int] | None, **encoders: FrozenStage1 | None) -> None:
+    """Every data subject (``num_voxels``, linked from the data) is known to every given encoder (keyword: the
+    ``model.`` option it came from), with its voxel count."""
+    for option, encoder in encoders.items():
+        if num_voxels and encoder is not None:
+            encoder.check_subjects(dict(num_voxels), f"model.{option}")
