@@ -7,6 +7,7 @@ The directory has the layout of ``stabilityai/stable-diffusion-xl-base-1.0``: ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,8 @@ def encode_prompt(parts: SDXLParts, prompt: str) -> tuple[torch.Tensor, torch.Te
     return torch.cat(hidden, -1), pooled
 
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+# the UNet LoRA's default target modules (every attention projection and feed-forward Linear)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
 
 def load_frozen_sdxl(directory: str | Path, option: str = "model.sdxl_dir", dtype: str = "float32") -> SDXLParts:
@@ -109,7 +111,7 @@ def fixed_prompts(parts: SDXLParts, negative_prompt: str) -> dict[str, torch.Ten
             "empty_prompt_embeds": empty_embeds, "empty_pooled": empty_pooled}
 
 
-def add_lora(unet, rank: int, alpha: int, targets: list[str] | None = None, init: str = "gaussian") -> None:
+def add_lora(unet, rank: int, alpha: int, targets: Sequence[str] | None = None, init: str = "gaussian") -> None:
     """Add the peft UNet LoRA (rank, alpha, ``targets`` default ``LORA_TARGETS``); peft then leaves only the LoRA
     weights of the UNet trainable."""
     from peft import LoraConfig

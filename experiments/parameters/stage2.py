@@ -17,6 +17,7 @@ from torch import nn
 from lightning_modules.components.brain_prompt import BrainPrompt, PooledMode, PromptMode
 from lightning_modules.components.injection import ImageTokenProjection, install_processors
 from lightning_modules.components.routed_branch import BranchSpec, RoutedBranch
+from lightning_modules.sdxl_loading import LORA_TARGETS, add_lora
 from lightning_modules.stage2_parts import apply_trainable, stage2_parts, trained_and_stored
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the architecture keys; feasibility.md section 2 (b))
@@ -30,7 +31,6 @@ SDXL_BASE_UNET: dict = dict(
     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, upcast_attention=False)
 SDXL_BASE_UNET_PARAMS = 2_567_463_684
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
 
 def _numel(params) -> tuple[int, int]:
@@ -57,7 +57,6 @@ def stage2_parameter_report(unet_config: dict, image_branch: BranchSpec | None, 
     ``stage2_parts`` exactly as the module resolves them. ``ip_trainable`` (when ``ip_adapter_loaded`` is None):
     shorthand for no IP-Adapter file (True) or a loaded, frozen one (False)."""
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
 
     if image_branch is None and text_branch is None:
         raise ValueError("image_branch and text_branch are both None: enable at least one")
@@ -71,8 +70,7 @@ def stage2_parameter_report(unet_config: dict, image_branch: BranchSpec | None, 
         latent_channels = unet.config.in_channels
         # before the LoRA, as in RoutedDiffusionModule; IP key/value weights only with an image branch
         processors = install_processors(unet, with_ip=image_branch is not None)
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
-                                    target_modules=list(lora_targets or LORA_TARGETS)))
+        add_lora(unet, lora_rank, lora_alpha, lora_targets, "gaussian")
         routers = {}
         for branch, spec in (("image", image_branch), ("text", text_branch)):
             if spec is not None:
