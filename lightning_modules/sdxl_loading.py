@@ -2,7 +2,9 @@
 
 The directory has the layout of ``stabilityai/stable-diffusion-xl-base-1.0``: ``unet/``, ``vae/``, ``scheduler/``,
 ``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``. A missing part raises
-``MissingWeightsError`` naming the option to set.
+``MissingWeightsError`` naming the option to set. Also what stage 2 installs on them: the frozen UNet and VAE
+(``load_frozen_sdxl``), the DDPM training schedule, the fixed prompt buffers (``fixed_prompts``) and the text
+branch's ``brain_prompt``, the peft UNet LoRA (``add_lora``, ``LORA_TARGETS``) and its export, and VAE latents.
 """
 
 from __future__ import annotations

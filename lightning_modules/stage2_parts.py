@@ -6,6 +6,10 @@ spatial routers of every branch), ``projections`` (the brain prompt, and the ima
 trained from scratch) and ``ip_attention`` (the IP-Adapter: the IP key / value of every cross-attention layer, and,
 when IP-Adapter weights are loaded, their image projection ``image_proj`` too). So with IP-Adapter weights loaded
 and ``ip_adapter_trainable`` unset or false, the IP key / value AND the image projection stay frozen as loaded.
+
+Also here: building a branch's frozen encoder and routers (``build_branch``, ``regional_grid``), the stored
+parameter names and the checkpoint check (``stored_names``, ``check_stored``), the per-part parameter counts and
+the ``init_from`` transfer loading (``load_stage2_transfer``).
 """
 
 from __future__ import annotations
