@@ -2,7 +2,8 @@
 
 Receives its parts by injection (``moe``, ``prior``) so that tiny test models, LightningCLI configs and
 ``load_from_checkpoint`` all work; the subject adapters are built from ``num_voxels`` (linked from the data).
-Batches follow ``datamodules/README.md``; the target is the joined cache named ``target``.
+Batches follow ``datamodules/README.md``; the target is the joined cache named ``target``. Hooks and wiring only:
+the loss recipe is ``components.stage1_objective``, parts / transfer ``stage1_parts``, metrics ``stage1_evaluation``.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class BrainEncoderModule(L.LightningModule):
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
         return self.global_step / max(1, total)
 
-    # ------------------------------------------------------------------ training
+    # ------------------------------------------------------------------ training (Stage1Objective)
     def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> torch.Tensor:
         objective, progress = self.objective, self._progress()
         mixing = objective.mixing(progress)
@@ -186,7 +187,7 @@ class BrainEncoderModule(L.LightningModule):
         """Every loss term and their weighted sum ``loss``: ``Stage1Objective.losses``."""
         return self.objective.losses(out, target, mix, progress, self.prior)
 
-    # ------------------------------------------------------------------ evaluation
+    # ------------------------------------------------------------------ evaluation (stage1_evaluation)
     def encode_repeats(self, voxels: torch.Tensor, mask: torch.Tensor, subject: str) -> tuple[MoEOutput, Any]:
         """(b, R, V) voxels and (b, R) repeat mask -> MoEOutput over b*R (output averaging) or b (input averaging)
         rows, and a function that averages a (rows, ...) tensor to (b, ...) (``stage1_evaluation``)."""
@@ -261,7 +262,7 @@ class BrainEncoderModule(L.LightningModule):
                 pct_start=h.onecycle_pct_start or min(0.3, 2 / epochs), final_div_factor=h.onecycle_final_div)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ------------------------------------------------------------------ transfer and provenance
+    # ------------------------------------------------------------------ parts, transfer, provenance (stage1_parts)
     def setup(self, stage: str) -> None:
         self.check_target_widths(attached_datamodule(self))
         if stage == "fit" and self.hparams.init_from and not getattr(self, "_initialised_from", False):

@@ -7,7 +7,8 @@ weights over each level's experts, (B, G, E_l)), temporal router (timestep sinus
 through decoupled (IP-Adapter style, optionally regional) attention in every cross-attention layer; text tokens
 become the prompt embeddings. Trained: UNet LoRA (peft), routers, projections, IP key/value and image projection
 (unless loaded from IP-Adapter weights; ``lightning_modules.stage2_parts`` is the one definition); everything else is frozen by ``requires_grad_(False)``, never by ``torch.no_grad`` around a
-trained path. Checkpoints hold only the trained parameters.
+trained path. Checkpoints hold only the trained parameters. Hooks and wiring here; the per-step conditioning, UNet
+call and losses in ``routed_conditioning``, guidance in ``components.guidance``, generation in ``routed_sampling``.
 """
 
 from __future__ import annotations
