@@ -33,3 +33,11 @@ def load_checkpoint_data(path: str | Path, option: str, map_location: Any = "cpu
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise refusal(option, path, exc) from None
+
+
+def load_state_dict_file(path: str | Path, option: str) -> dict[str, Any]:
+    """The ``state_dict`` of the checkpoint at ``path`` (loaded as data); a missing file raises
+    ``FileNotFoundError`` naming ``option``."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{option}: no checkpoint at {path}")
+    return load_checkpoint_data(path, option)["state_dict"]

@@ -52,3 +52,36 @@ class ConditionTable:
         rows = rows.to(device) if device is not None else rows
         return [(rows / count if self.pool == "sum" else rows)[:, None].expand(-1, count, -1).contiguous()
                 for count in self.num_experts]
+
+
+def build_condition_tables(tables: dict[str, str] | None, branches: dict[str, tuple]) -> dict[str, ConditionTable]:
+    """``model.condition_tables`` (branch -> directory) -> branch -> ``ConditionTable``; ``branches``: every enabled
+    branch -> (its ``FrozenStage1`` encoder, its ``BranchSpec``)."""
+    out: dict[str, ConditionTable] = {}
+    for branch, directory in (tables or {}).items():
+        if branch not in branches:
+            raise ValueError(f"model.condition_tables.{branch}: no such branch in this configuration "
+                             f"(branches: {list(branches)})")
+        encoder, spec = branches[branch]
+        out[branch] = ConditionTable(directory, f"model.condition_tables.{branch}", encoder.num_experts,
+                                     encoder.embed_dim, spec.pool)
+    return out
+
+
+def expert_embeddings(encoders: dict[str, torch.nn.Module], tables: dict[str, ConditionTable], sub: dict,
+                      subject: str, shuffle: bool, device: torch.device | None) -> dict[str, list[torch.Tensor]]:
+    """One sub-batch's voxels (b, V) or (b, R, V) -> {branch: [(b, E_l, D)] float32} per branch of ``encoders``
+    (frozen, computed once): a branch's condition table if it has one, else its frozen stage-1 encoder;
+    ``shuffle`` (the chance-level control) rolls the rows by one within the batch."""
+    out = {}
+    for branch, encoder in encoders.items():
+        if branch in tables:
+            experts = tables[branch].lookup(subject, sub["nsd_id"], device)
+        else:
+            experts = encoder(sub["voxels"], subject, sub.get("repeat_mask"))
+        if shuffle:
+            if len(experts[0]) < 2:
+                raise ValueError("model.shuffle_conditions needs batches of at least 2 images")
+            experts = [x.roll(1, 0) for x in experts]
+        out[branch] = [x.float() for x in experts]
+    return out

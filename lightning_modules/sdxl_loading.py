@@ -2,11 +2,14 @@
 
 The directory has the layout of ``stabilityai/stable-diffusion-xl-base-1.0``: ``unet/``, ``vae/``, ``scheduler/``,
 ``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``. A missing part raises
-``MissingWeightsError`` naming the option to set.
+``MissingWeightsError`` naming the option to set. Also what stage 2 installs on them: the frozen UNet and VAE
+(``load_frozen_sdxl``), the DDPM training schedule, the fixed prompt buffers (``fixed_prompts``) and the text
+branch's ``brain_prompt``, the peft UNet LoRA (``add_lora``, ``LORA_TARGETS``) and its export, and VAE latents.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,3 +81,90 @@ def encode_prompt(parts: SDXLParts, prompt: str) -> tuple[torch.Tensor, torch.Te
         if hasattr(out, "text_embeds"):
             pooled = out.text_embeds[0]
     return torch.cat(hidden, -1), pooled
+
+
+# the UNet LoRA's default target modules (every attention projection and feed-forward Linear)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+
+
+def load_frozen_sdxl(directory: str | Path, option: str = "model.sdxl_dir", dtype: str = "float32") -> SDXLParts:
+    """``load_sdxl`` with the UNet and VAE frozen (``requires_grad_(False)``); the UNet in train mode (diffusers
+    loads it in eval mode; it trains through its LoRA), the VAE in eval mode."""
+    parts = load_sdxl(directory, option, dtype)
+    parts.unet.requires_grad_(False)
+    parts.vae.requires_grad_(False)
+    parts.unet.train()  # diffusers loads it in eval mode; it trains (LoRA): only the frozen parts stay eval
+    return parts
+
+
+def training_scheduler(scheduler_config: dict):
+    """The DDPM noise schedule SDXL was trained with (``add_noise``, ``alphas_cumprod``)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler_config)
+
+
+def fixed_prompts(parts: SDXLParts, negative_prompt: str) -> dict[str, torch.Tensor]:
+    """The prompts stage 2 encodes once: the negative prompt (classifier-free guidance's negative half) and the
+    empty prompt (the text conditioning without a text branch), as buffer name -> (S, C) or (P,) tensor."""
+    negative_embeds, negative_pooled = encode_prompt(parts, negative_prompt)
+    empty_embeds, empty_pooled = encode_prompt(parts, "")
+    return {"negative_prompt_embeds": negative_embeds, "negative_pooled": negative_pooled,
+            "empty_prompt_embeds": empty_embeds, "empty_pooled": empty_pooled}
+
+
+def add_lora(unet, rank: int, alpha: int, targets: Sequence[str] | None = None, init: str = "gaussian") -> None:
+    """Add the peft UNet LoRA (rank, alpha, ``targets`` default ``LORA_TARGETS``); peft then leaves only the LoRA
+    weights of the UNet trainable."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
+                                target_modules=list(targets or LORA_TARGETS)))
+
+
+def export_lora(unet, directory: str | Path) -> Path:
+    """Write the UNet LoRA in diffusers' format (``pytorch_lora_weights.safetensors``), loadable with
+    ``StableDiffusionXLPipeline.load_lora_weights``."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionXLPipeline.save_lora_weights(str(directory), unet_lora_layers=layers)
+    return Path(directory)
+
+
+@torch.no_grad()
+def encode_latents(vae, sub: dict[str, Any], key: str | None, size: tuple[int, int] | None,
+                   sample: bool = True) -> torch.Tensor:
+    """Images ``sub["image"]`` (b, 3, H, W) in [0, 1], resized to ``size`` (bicubic, antialiased), or a cached
+    latent distribution ``sub[key]`` (b, 2, 4, h, w) -> scaled latents (b, 4, h, w) (a sample, or the mode)."""
+    import torch.nn.functional as F
+
+    scale = vae.config.scaling_factor
+    if key:
+        if key not in sub:
+            raise KeyError(f"model.latents_key {key!r} is not in the batch: add it to data.targets")
+        mean, std = sub[key].float().unbind(1)
+        noise = torch.randn_like(mean) if sample else torch.zeros_like(mean)
+        return (mean + std * noise) * scale
+    images = sub["image"]
+    if tuple(images.shape[-2:]) != size:
+        images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
+    dist = vae.encode(images.clamp(0, 1).to(vae.dtype) * 2 - 1).latent_dist
+    return (dist.sample() if sample else dist.mode()).float() * scale
+
+
+def brain_prompt(parts: SDXLParts, embed_dim: int, cross_dim: int, sos_prompt: str, prompt_mode: str,
+                 pooled_text: str):
+    """The text branch's ``BrainPrompt`` around the encoded ``sos_prompt`` (its first position and length, the
+    pooled width); ``prompt_mode: reference`` needs experts as wide as text encoder 2."""
+    from lightning_modules.components.brain_prompt import BrainPrompt
+
+    prompt_embeds, pooled = encode_prompt(parts, sos_prompt)
+    te2_width = parts.text_encoder_2.config.hidden_size
+    if prompt_mode == "reference" and embed_dim != te2_width:
+        raise ValueError(f"model.text_encoder embeds {embed_dim}-d, but prompt_mode "
+                         f"reference needs text encoder 2's width {te2_width}; use prompt_mode projected")
+    return BrainPrompt(embed_dim, cross_dim, pooled.shape[-1], prompt_embeds[0], prompt_embeds.shape[0],
+                       prompt_mode, pooled_text)

@@ -17,6 +17,7 @@ from torch import nn
 
 from datamodules.shard_format import subject_name
 from lightning_modules.checkpoint_files import refusal
+from lightning_modules.stage1_evaluation import repeat_weights
 
 
 def _load_stage1(cls, checkpoint: str, option: str = "checkpoint"):
@@ -111,7 +112,7 @@ class FrozenStage1(nn.Module):
         if voxels.dim() == 3:
             b, r, v = voxels.shape
             mask = repeat_mask if repeat_mask is not None else voxels.new_ones(b, r, dtype=torch.bool)
-            weights = mask.float() / mask.float().sum(1, keepdim=True).clamp_min(1)
+            weights = repeat_weights(mask)
             if self.repeat_average == "input":
                 experts = self._experts((voxels * weights[..., None]).sum(1), subject)
             else:
@@ -126,3 +127,11 @@ class FrozenStage1(nn.Module):
                                      noise=self.prior_noise.repeat(b, 1))
             experts = flat.reshape(b, e, d)
         return list(experts.split(self.num_experts, 1))
+
+
+def check_encoders(num_voxels: dict[str, int] | None, **encoders: FrozenStage1 | None) -> None:
+    """Every data subject (``num_voxels``, linked from the data) is known to every given encoder (keyword: the
+    ``model.`` option it came from), with its voxel count."""
+    for option, encoder in encoders.items():
+        if num_voxels and encoder is not None:
+            encoder.check_subjects(dict(num_voxels), f"model.{option}")

@@ -6,6 +6,10 @@ spatial routers of every branch), ``projections`` (the brain prompt, and the ima
 trained from scratch) and ``ip_attention`` (the IP-Adapter: the IP key / value of every cross-attention layer, and,
 when IP-Adapter weights are loaded, their image projection ``image_proj`` too). So with IP-Adapter weights loaded
 and ``ip_adapter_trainable`` unset or false, the IP key / value AND the image projection stay frozen as loaded.
+
+Also here: building a branch's frozen encoder and routers (``build_branch``, ``regional_grid``), the stored
+parameter names and the checkpoint check (``stored_names``, ``check_stored``), the per-part parameter counts and
+the ``init_from`` transfer loading (``load_stage2_transfer``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from collections.abc import Sequence
 from typing import Literal
 
 from torch import nn
+
+from lightning_modules.checkpoint_files import load_state_dict_file
+from lightning_modules.run_records import count_parameters
 
 Stage2Part = Literal["lora", "routers", "projections", "ip_attention"]
 PARTS: tuple[Stage2Part, ...] = ("lora", "routers", "projections", "ip_attention")
@@ -58,3 +65,64 @@ def apply_trainable(parts: dict[str, list[nn.Module]], trained: Sequence[str], s
     for name, modules in parts.items():
         for module in modules:
             module.requires_grad_(name in trained)
+
+
+def stored_names(module: nn.Module, parts: dict[str, list[nn.Module]], stored: Sequence[str]) -> set[str]:
+    """Parameter names (in ``module``) of the ``stored`` parts: what a stage-2 checkpoint holds."""
+    ids = {id(p) for name in stored for m in parts[name] for p in m.parameters()}
+    return {n for n, p in module.named_parameters() if id(p) in ids}
+
+
+def parameter_counts(module: nn.Module, parts: dict[str, list[nn.Module]], trainable: list[str]) -> dict:
+    """Parameters per part (params, share of the module's total, trainable) and the trained total."""
+    total = sum(p.numel() for p in module.parameters())
+    groups = {}
+    for name, modules in parts.items():
+        n, t = count_parameters(p for m in modules for p in m.parameters())
+        groups[name] = {"params": n, "share": n / max(1, total), "trainable": t}
+    trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return {"groups": groups, "total": total, "trainable": trained, "trainable_share": trained / max(1, total),
+            "trainable_parts": trainable}
+
+
+def load_stage2_transfer(module: nn.Module, path: str, expected: set[str]) -> None:
+    """Load the stored parts (``expected`` names: LoRA, routers, projections, ...) of the stage-2 checkpoint
+    ``path`` into ``module``."""
+    state = load_state_dict_file(path, "model.init_from")
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ValueError(f"model.init_from {path} lacks {missing[:3]}{'...' if len(missing) > 3 else ''}: "
+                         "a different configuration (branches, LoRA targets, IP-Adapter training)?")
+    module.load_state_dict({k: state[k] for k in expected}, strict=False)
+
+
+def check_stored(expected: set[str], found: set[str]) -> None:
+    """A stage-2 checkpoint holds exactly the stored parts of this configuration."""
+    if expected != found:
+        missing, extra = sorted(expected - found), sorted(found - expected)
+        raise ValueError(f"stage-2 checkpoint does not match this configuration: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]} (different branches, LoRA targets or IP-Adapter training?)")
+
+
+def build_branch(spec, checkpoint: str | None, option: str, frozen_dtype, unet: nn.Module,
+                 num_train_timesteps: int, **encoder_kw) -> tuple[nn.Module | None, nn.Module | None]:
+    """One branch's frozen stage-1 encoder (``FrozenStage1`` of ``checkpoint``, in ``frozen_dtype``) and its
+    trained ``RoutedBranch`` (temporal and spatial routers) for ``unet``; (None, None) when ``spec`` is None."""
+    from lightning_modules.components.routed_branch import RoutedBranch
+    from lightning_modules.stage1_conditions import FrozenStage1
+
+    if spec is None:
+        return None, None
+    encoder = FrozenStage1(checkpoint, option, spec.source, **encoder_kw).to(frozen_dtype)
+    # the routers see the UNet's timestep sinusoid (time_proj width) and its noisy latent channels
+    router = RoutedBranch(spec, encoder.embed_dim, encoder.num_experts, unet.time_proj.num_channels,
+                          unet.config.in_channels, num_train_timesteps)
+    return encoder, router
+
+
+def regional_grid(*specs) -> int:
+    """The one g of every regional (spatial) branch's g x g grid; 1 without one."""
+    grids = {b.grid for b in specs if b is not None and b.spatial and b.regional}
+    if len(grids) > 1:
+        raise ValueError(f"regional image and text branches need the same grid, got {sorted(grids)}")
+    return grids.pop() if grids else 1

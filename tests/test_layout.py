@@ -3,7 +3,7 @@
 experiments -> callbacks -> lightning_modules -> datamodules: a module may import its own package and the packages
 below it, never one above (every import statement counts, function-level ones included, parsed with ``ast``, so
 nothing is imported to check). No module name is held by two top-level packages. The LightningModules live at the
-top of ``lightning_modules/`` and ``callbacks/`` holds Lightning callbacks (and the checkpoint IO plugin) only.
+top of ``lightning_modules/`` (each file at most ``MAX_MODULE_LINES`` lines) and ``callbacks/`` holds Lightning callbacks (and the checkpoint IO plugin) only.
 """
 
 from __future__ import annotations
@@ -87,9 +87,13 @@ def _classes(package: str):
                 yield path, node
 
 
+MAX_MODULE_LINES = 300  # a LightningModule file reads in one sitting: hooks and wiring; the rest is in helpers
+
+
 def test_lightning_modules_live_at_the_top_of_lightning_modules(record_property):
-    """Every LightningModule of the packages is defined in a file directly under ``lightning_modules/``; each such
-    file's size in lines is reported (``record_property``: in the JUnit XML; ``-rP`` prints it)."""
+    """Every LightningModule of the packages is defined in a file directly under ``lightning_modules/``, at most
+    ``MAX_MODULE_LINES`` lines long (docstrings included); each such file's size in lines is reported
+    (``record_property``: in the JUnit XML; ``-rP`` prints it)."""
     found = {}
     for package in FLOORS:
         for path, node in _classes(package):
@@ -99,9 +103,11 @@ def test_lightning_modules_live_at_the_top_of_lightning_modules(record_property)
     for name, rel in sorted(found.items()):
         assert rel.parent == Path("lightning_modules"), f"{name} is defined in {rel}"
         lines = len((ROOT / rel).read_text().splitlines())
-        assert lines > 0
         record_property(f"lines:{rel}", lines)
         print(f"{rel}: {name}, {lines} lines")
+        assert 0 < lines <= MAX_MODULE_LINES, (
+            f"{rel} ({name}) is {lines} lines, over {MAX_MODULE_LINES}: keep the Lightning hooks and the wiring "
+            "there and move the rest into lightning_modules/components/ or a helper beside it")
 
 
 @pytest.mark.parametrize("path", [p for p in modules("callbacks") if p.name != "__init__.py"],

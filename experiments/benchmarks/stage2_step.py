@@ -36,11 +36,11 @@ from lightning_modules.components.brain_prompt import BrainPrompt
 from lightning_modules.components.diffusion_loss import min_snr_weights, weighted_mse
 from lightning_modules.components.injection import ImageTokenProjection, install_processors
 from lightning_modules.components.routed_branch import BranchSpec, RoutedBranch
+from lightning_modules.sdxl_loading import LORA_TARGETS, add_lora
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER_CONFIG = ROOT / "configs" / "stage2" / "sdxl_nsd.yaml"
 STAGE1_CONFIG = ROOT / "configs" / "stage1" / "image_nsd.yaml"
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 # reference-morebrain.md section 5.8: inside every one of the 50 denoising steps, each branch's routed embedding is
 # sampled through the prior with DDIM 30 steps and classifier-free guidance (two passes per step)
 REFERENCE_PRIOR = {"denoising_steps": 50, "prior_ddim_steps": 30, "prior_cfg_passes": 2}
@@ -63,7 +63,6 @@ def build_models(directory: Path, embed_dim: int, num_experts: list[int], lora_r
     from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
     from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
-    from peft import LoraConfig
 
     from lightning_modules.sdxl_loading import encode_prompt, load_sdxl
 
@@ -73,9 +72,8 @@ def build_models(directory: Path, embed_dim: int, num_experts: list[int], lora_r
     scheduler = DDPMScheduler.from_config(parts.scheduler_config)
     vae_factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
 
-    def lora():
-        return LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                          target_modules=list(LORA_TARGETS))
+    def lora(unet):
+        add_lora(unet, lora_rank, lora_rank, LORA_TARGETS, "gaussian")
 
     cross_dim = parts.unet.config.cross_attention_dim
     time_dim, channels = parts.unet.time_proj.num_channels, parts.unet.config.in_channels
@@ -91,7 +89,7 @@ def build_models(directory: Path, embed_dim: int, num_experts: list[int], lora_r
     unet = load_sdxl(directory).unet.requires_grad_(False)
     processors = install_processors(unet)
     torch.manual_seed(1)
-    unet.add_adapter(lora())
+    lora(unet)
     processors.requires_grad_(True)
     ours = _stand_in()()
     ours.unet, ours.grid, ours.vae_factor = unet, grid, vae_factor
@@ -121,7 +119,7 @@ def build_models(directory: Path, embed_dim: int, num_experts: list[int], lora_r
     base_unet.encoder_hid_proj = MultiIPAdapterImageProjection([ImageProjection(embed_dim, cross_dim, tokens)])
     base_unet.config.encoder_hid_dim_type = "ip_image_proj"
     torch.manual_seed(1)
-    base_unet.add_adapter(lora())
+    lora(base_unet)
     for module in base_unet.attn_processors.values():
         if isinstance(module, nn.Module):
             module.requires_grad_(True)
@@ -243,7 +241,7 @@ def run(batch: int = 8, latent: int = 16, repeats: int = 30, warmup: int = 3, th
         "benchmark": "stage2_train_step_routed_vs_ip_adapter",
         "config": {"unet": "tiny_models.make_tiny_sdxl", "batch": batch, "latent": [4, latent, latent],
                    "pixels": latent * shared["vae_factor"], "experts": num_experts, "embed_dim": embed_dim,
-                   "lora_rank": lora_rank, "lora_targets": LORA_TARGETS, "ip_tokens_per_routed_token": ip_tokens,
+                   "lora_rank": lora_rank, "lora_targets": list(LORA_TARGETS), "ip_tokens_per_routed_token": ip_tokens,
                    "ip_tokens_total": (grid**2) * ip_tokens, "grid": grid,
                    "threads": threads, "dtype": "float32", "repeats": repeats, "warmup": warmup,
                    "load_average_1min_before": load_before,

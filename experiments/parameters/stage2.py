@@ -17,6 +17,8 @@ from torch import nn
 from lightning_modules.components.brain_prompt import BrainPrompt, PooledMode, PromptMode
 from lightning_modules.components.injection import ImageTokenProjection, install_processors
 from lightning_modules.components.routed_branch import BranchSpec, RoutedBranch
+from lightning_modules.run_records import count_parameters
+from lightning_modules.sdxl_loading import LORA_TARGETS, add_lora
 from lightning_modules.stage2_parts import apply_trainable, stage2_parts, trained_and_stored
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the architecture keys; feasibility.md section 2 (b))
@@ -30,12 +32,6 @@ SDXL_BASE_UNET: dict = dict(
     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, upcast_attention=False)
 SDXL_BASE_UNET_PARAMS = 2_567_463_684
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
-
-
-def _numel(params) -> tuple[int, int]:
-    params = list(params)
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
 def _row(key: str, name: str, params: int, trainable: int, depth: int = 1) -> dict:
@@ -57,7 +53,6 @@ def stage2_parameter_report(unet_config: dict, image_branch: BranchSpec | None, 
     ``stage2_parts`` exactly as the module resolves them. ``ip_trainable`` (when ``ip_adapter_loaded`` is None):
     shorthand for no IP-Adapter file (True) or a loaded, frozen one (False)."""
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
 
     if image_branch is None and text_branch is None:
         raise ValueError("image_branch and text_branch are both None: enable at least one")
@@ -65,14 +60,13 @@ def stage2_parameter_report(unet_config: dict, image_branch: BranchSpec | None, 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(dict(unet_config))
         unet.requires_grad_(False)
-        base_before, _ = _numel(unet.parameters())
+        base_before, _ = count_parameters(unet.parameters())
         cross_dim = unet.config.cross_attention_dim
         time_dim = unet.time_proj.num_channels
         latent_channels = unet.config.in_channels
         # before the LoRA, as in RoutedDiffusionModule; IP key/value weights only with an image branch
         processors = install_processors(unet, with_ip=image_branch is not None)
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
-                                    target_modules=list(lora_targets or LORA_TARGETS)))
+        add_lora(unet, lora_rank, lora_alpha, lora_targets, "gaussian")
         routers = {}
         for branch, spec in (("image", image_branch), ("text", text_branch)):
             if spec is not None:
@@ -92,9 +86,9 @@ def stage2_parameter_report(unet_config: dict, image_branch: BranchSpec | None, 
         parts = stage2_parts(unet, list(routers.values()), projection, prompt, processors, loaded)
         trained, stored = trained_and_stored(image_branch is not None, loaded, ip_adapter_trainable, trainable)
         apply_trainable(parts, trained, stored)
-    lora_total, lora_trainable = _numel(p for n, p in unet.named_parameters() if "lora_" in n)
-    ip_total, ip_train = _numel(processors.parameters())
-    unet_total, _ = _numel(unet.parameters())
+    lora_total, lora_trainable = count_parameters(p for n, p in unet.named_parameters() if "lora_" in n)
+    ip_total, ip_train = count_parameters(processors.parameters())
+    unet_total, _ = count_parameters(unet.parameters())
     base = unet_total - lora_total - ip_total
     if base != base_before:
         raise AssertionError(f"UNet base count changed from {base_before} to {base} (LoRA inside a processor?)")
@@ -103,24 +97,24 @@ def stage2_parameter_report(unet_config: dict, image_branch: BranchSpec | None, 
             _row("lora", f"UNet LoRA r={lora_rank}, {targets} targets", lora_total, lora_trainable),
             _row("ip_kv", f"IP key/value, {len(processors)} layers", ip_total, ip_train)]
     if projection is not None:
-        total, trainable = _numel(projection.parameters())
+        total, trainable = count_parameters(projection.parameters())
         rows.append(_row("image_projection", f"image projection ({embed_dim} -> {ip_tokens} x {cross_dim})",
                          total, trainable))
     for branch, router in routers.items():
         spec: BranchSpec = router.spec
-        total, trainable = _numel(router.parameters())
+        total, trainable = count_parameters(router.parameters())
         rows.append(_row(f"{branch}_router", f"{branch} router", total, trainable))
-        t_total, t_train = _numel(router.temporal.parameters())
+        t_total, t_train = count_parameters(router.temporal.parameters())
         rows.append(_row(f"{branch}_router.temporal", f"temporal ({spec.temporal})", t_total, t_train, 2))
-        s_total, s_train = _numel(router.spatial.parameters()) if router.spatial is not None else (0, 0)
+        s_total, s_train = count_parameters(router.spatial.parameters()) if router.spatial is not None else (0, 0)
         label = f"spatial (grid {spec.grid})" if router.spatial is not None else "spatial (off: level pooling)"
         rows.append(_row(f"{branch}_router.spatial", label, s_total, s_train, 2))
     if prompt is not None:
-        total, trainable = _numel(prompt.parameters())
+        total, trainable = count_parameters(prompt.parameters())
         rows.append(_row("text_prompt", f"text prompt ({prompt_mode}, pooled {pooled_text})",
                          total, trainable))
     parts: list[nn.Module] = [unet, *routers.values(), *(m for m in (projection, prompt) if m is not None)]
-    total, trainable = _numel(p for m in parts for p in m.parameters())
+    total, trainable = count_parameters(p for m in parts for p in m.parameters())
     rows.append({**_row("total", "total", total, trainable, 0), "trainable_share": trainable / total})
     return rows
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from lightning_modules.run_records import count_parameters
+
 
 def count(module: nn.Module) -> tuple[int, int]:
-    params = list(module.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    """(total, trainable) parameter counts of ``module``."""
+    return count_parameters(module.parameters())
 
 
 def parameter_table(model: nn.Module, depth: int = 2) -> list[dict]:

@@ -41,3 +41,19 @@ def level_kl(router_probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-8
     """KL(router || target) = sum_l r_l (log r_l - log p_l), averaged over the batch; (B, L), (B, L) -> scalar."""
     r = router_probs.float()
     return (r * (torch.log(r + eps) - torch.log(target.float() + eps))).sum(-1).mean()
+
+
+def kl_terms(router_probs: dict[str, torch.Tensor | None], timesteps: torch.Tensor, sigma: float, t_lo: float,
+             t_hi: float | None, direction: KLDirection, num_train_timesteps: int) -> dict[str, torch.Tensor]:
+    """Per branch, the KL guidance term KL(temporal router's level weights (B, L) || Gaussian over levels at each
+    timestep); branches without temporal router probabilities (None) are left out. ``t_hi`` None: the last
+    training timestep count."""
+    out = {}
+    for branch, probs in router_probs.items():
+        if probs is None:
+            continue
+        target = gaussian_level_target(timesteps, probs.shape[1], sigma, t_lo,
+                                       t_hi if t_hi is not None else num_train_timesteps, direction,
+                                       num_train_timesteps)
+        out[branch] = level_kl(probs, target)
+    return out
