@@ -12,12 +12,13 @@ CONFIGS = REPO / "configs"
 
 def stacks() -> list[list[Path]]:
     """Config stacks: stage 1 on its base (overlays on the config they modify: the tiny image and study configs on
-    the tiny text one, bottleneck and transfer on the paper-scale image config), stage 2 on its base, every
+    the tiny text one, the world overlay on the tiny text one, bottleneck and transfer on the paper-scale image
+    config), stage 2 on its base, every
     ablation and transfer config on top of the paper-scale stage-2 config."""
     out = []
     tiny, paper = CONFIGS / "stage1/tiny_synthetic.yaml", CONFIGS / "stage1/image_nsd.yaml"
     below = {"tiny_synthetic_image.yaml": [tiny], "tiny_study.yaml": [tiny], "bottleneck.yaml": [paper],
-             "interpret_positive_control.yaml": [tiny]}
+             "interpret_positive_control.yaml": [tiny], "world.yaml": [tiny]}
     for config in sorted((CONFIGS / "stage1").glob("*.yaml")):
         out.append([CONFIGS / "base/trainer.yaml", *below.get(config.name, []), config])
     for config in sorted((CONFIGS / "stage1/transfer").glob("*.yaml")):
@@ -81,3 +82,14 @@ def test_transfer_configs_set_what_they_name():
     stage2 = model([CONFIGS / "base/stage2_trainer.yaml", CONFIGS / "stage2/sdxl_nsd.yaml",
                     CONFIGS / "stage2/transfer/routers_only.yaml"])
     assert stage2.trainable == ["routers"] and stage2.init_from
+
+
+def test_the_world_configs_keep_the_papers_expert_choice_and_route_every_expert_through_the_prior():
+    stage1 = parse([CONFIGS / "base/trainer.yaml", CONFIGS / "stage1/tiny_synthetic.yaml",
+                    CONFIGS / "stage1/world.yaml", CONFIGS / "stage1/tiny_synthetic_image.yaml"])["model"]["init_args"]
+    assert stage1.moe.init_args.capacity_factor == 1.0 and stage1.prior_inputs == ["mean", "experts"]
+    assert stage1.target == "clip_image" and stage1.moe.init_args.out_dim == stage1.prior.init_args.embed_dim
+    stage2 = parse([CONFIGS / "base/stage2_trainer.yaml", CONFIGS / "stage2/world_synthetic.yaml"])["model"]
+    args = stage2["init_args"]
+    assert args.image_branch.source == "prior" and args.text_branch.source == "prior"
+    assert args.ip_adapter_weights.endswith("ip_adapter.safetensors") and args.condition_dropout > 0
