@@ -1,8 +1,7 @@
 """The world's VAE: a small ``AutoencoderKL`` with SDXL's 4 latent channels, trained on scene images.
 
 (B, 3, S, S) in [-1, 1] -> latents (B, 4, S / f, S / f) with f = 2 ** (len(blocks) - 1) -> (B, 3, S, S). Loss:
-L1 + MSE of the reconstruction from a posterior sample, the object's pixels (those that differ from the image's
-median colour) weighted ``1 + foreground_weight``, plus a small KL term. ``scaling_factor`` = 1 / std of the
+L1 + MSE of the reconstruction from a posterior sample plus a small KL term. ``scaling_factor`` = 1 / std of the
 trained VAE's latent means over held-out scenes (SDXL's 0.13025 plays this role), written into its config.
 """
 
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from experiments.world.common import progress, seed_everything
 from experiments.world.scenes import Scenes
@@ -26,8 +26,6 @@ class VaeConfig:
     batch: int = 32
     lr: float = 2e-3
     kl_weight: float = 1e-6
-    foreground_weight: float = 10.0  # extra weight of the object's pixels: unweighted, the few object pixels lose
-    # to the background and every object decodes in the mean colour (brown-orange)
 
 
 def build_vae(cfg: VaeConfig, image_size: int):
@@ -38,15 +36,6 @@ def build_vae(cfg: VaeConfig, image_size: int):
                          up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(cfg.blocks),
                          layers_per_block=cfg.layers_per_block, latent_channels=4, norm_num_groups=cfg.groups,
                          sample_size=image_size, scaling_factor=1.0)
-
-
-def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, foreground_weight: float) -> torch.Tensor:
-    """(B, 3, S, S) in [-1, 1] -> weighted L1 + MSE; a pixel more than 0.1 from its image's median colour in any
-    channel (the object, not the flat background) weighs ``1 + foreground_weight``."""
-    background = x.flatten(2).median(-1).values[..., None, None]
-    weight = 1 + foreground_weight * ((x - background).abs().amax(1, keepdim=True) > 0.1).float()
-    error = rec - x
-    return (error.abs() * weight).mean() + (error.square() * weight).mean()
 
 
 def train_vae(cfg: VaeConfig, scenes: Scenes, image_size: int, seed: int, show: bool = True):
@@ -63,7 +52,7 @@ def train_vae(cfg: VaeConfig, scenes: Scenes, image_size: int, seed: int, show: 
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
-        loss = reconstruction_loss(rec, x, cfg.foreground_weight) + cfg.kl_weight * post.kl().mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.kl_weight * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
