@@ -43,6 +43,12 @@ def quiet_lightning() -> None:
     # a run without srun is the mistake the hint is for (our sbatch script always uses srun)
     if "SLURM_JOB_ID" not in os.environ:
         warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used\.")
+    # ``predict`` / ``validate`` from a fit's checkpoint into another version directory (the demo's reconstruction
+    # rows, a resumable predict): the checkpoint callbacks' bookkeeping of the fit is not reloaded, which is right,
+    # since these runs write no checkpoint
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from .* therefore `best_model_score`, "
+                            r"`kth_best_model_path`, `kth_value`, `last_model_path` and `best_k_models` won't be "
+                            r"reloaded\. Only `best_model_path` will be reloaded\.")
     # An advertisement printed (logging, INFO) on every fit without a LitLogger
     import lightning.pytorch.utilities.rank_zero  # noqa: F401  (points rank_zero.log at Lightning's logger)
     from lightning_utilities.core import rank_zero
