@@ -89,13 +89,21 @@ class MoreBrainCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI ``torch.load``s a ``--ckpt_path`` file itself (for its hyperparameters) before the Trainer and
-        its CheckpointIO exist: a damaged file would fail there with a zip/pickle traceback; name it instead."""
+        its CheckpointIO exist: a damaged file would fail there with a zip/pickle traceback; name it instead.
+
+        Lightning then replaces the whole model config with the checkpoint's hyperparameters, so a model option given
+        here (``predict --model.init_args.inference_steps=30``, stage 2's condition tables) would be dropped
+        silently. When the config names the model (every config of this project does), the config wins: the
+        checkpoint gives the weights, the config the module."""
+        model = None
         if self.config.get("subcommand"):
             sub = self.config[self.config.subcommand]
             model = sub.get("model")
             check_checkpoint_module(sub.get("ckpt_path"), getattr(model, "class_path", None) if model else None)
         try:
             super()._parse_ckpt_path()  # torch.load(..., weights_only=True): a pickle payload never runs
+            if model is not None and getattr(model, "class_path", None):
+                self.config[self.config.subcommand]["model"] = model
         except (SystemExit, KeyboardInterrupt, ImportError, MemoryError):
             raise
         except pickle.UnpicklingError as exc:

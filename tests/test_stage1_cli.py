@@ -119,3 +119,20 @@ def test_unknown_config_key_is_refused(capsys):
         cli_main(["--config", BASE, "--config", TINY, "--model.init_args.no_such_option=1"], run=False,
                  instantiate=False)
     assert "no_such_option" in capsys.readouterr().err
+
+
+def test_a_model_option_given_with_ckpt_path_is_not_replaced_by_the_checkpoints(stage1_checkpoints, small_data,
+                                                                                tmp_path):
+    """LightningCLI would replace the model config with the checkpoint's hyperparameters: an option given on the
+    command line (here the retrieval candidates) must reach the module that runs."""
+    from experiments.run import cli_main
+
+    cli = cli_main(["validate", "--config", str(REPO / "configs/base/trainer.yaml"),
+                    "--config", str(REPO / "configs/stage1/tiny_synthetic.yaml"),
+                    f"--data.init_args.data_dir={small_data}", "--data.init_args.targets={clip_image: targets/clip_image}",
+                    "--data.init_args.val_images=8", f"--data.init_args.val_cache_dir={tmp_path / 'val_cache'}",
+                    "--model.init_args.target=clip_image", "--model.init_args.prior_inputs=[mean, experts]",
+                    "--model.init_args.retrieval_candidates=5", f"--trainer.default_root_dir={tmp_path}",
+                    f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+                    f"--ckpt_path={stage1_checkpoints['image']}"])
+    assert cli.model.hparams.retrieval_candidates == 5
