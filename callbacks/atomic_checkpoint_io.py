@@ -17,7 +17,7 @@ truncates the checkpoint) and, the destination being a symlink, writes through i
 The temporary name never contains ``ckpt_``: Lightning finds the newest ``hpc_ckpt_<n>.ckpt`` by stripping every
 non-digit from the names that contain ``hpc_ckpt_`` (and numbers the next one from the names containing
 ``ckpt_``), so a leftover ``.hpc_ckpt_3.ckpt.4242.tmp`` would make it resume from ``hpc_ckpt_34242.ckpt``. This is
-why ``datamodules.atomic.atomic_path`` (whose temporary is ``.<name>.<pid>.tmp``) is not used as is; the
+why ``datamodules.common.atomic_path`` (whose temporary is ``.<name>.<pid>.tmp``) is not used as is; the
 temporaries keep its ``.*.tmp`` form, so ``remove_stale_temporaries`` finds them too. Temporaries that a killed
 process left in a checkpoint directory are deleted at this process's first save into that directory.
 
@@ -54,7 +54,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from datamodules.atomic import TMP_SUFFIX
+from datamodules.common import TMP_SUFFIX
 from lightning_modules.checkpoint_files import refusal
 
 log = logging.getLogger(__name__)

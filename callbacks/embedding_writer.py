@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from datamodules.atomic import atomic_path, write_json_atomic
+from datamodules.common import atomic_path, write_json_atomic
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 from PIL import Image
 
-from datamodules.atomic import atomic_path, write_json_atomic
+from datamodules.common import atomic_path, write_json_atomic
 
 
 def done_ids(directory: Path) -> set[int]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning as L
 
-from datamodules.atomic import OutputLockedError, acquire_lock, release_lock
+from datamodules.common import OutputLockedError, acquire_lock, release_lock
 
 RUN_LOCK = ".run.lock"
 

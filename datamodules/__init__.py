@@ -3,7 +3,7 @@
 ``NSDDataModule`` is imported lazily so that the data commands (generation, import) do not pay for Lightning.
 """
 
-from datamodules.errors import DataFormatError
+from datamodules.common import DataFormatError
 
 __all__ = ["DataFormatError", "NSDDataModule"]
 

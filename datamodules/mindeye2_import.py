@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.errors import DataFormatError
+from datamodules.common import DataFormatError
 from datamodules.shard_format import read_tar_members, subject_name
 from datamodules.subject_writer import TrialTable, WriteOptions, compute_train_stats, summarise, write_subject
 

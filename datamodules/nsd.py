@@ -18,8 +18,7 @@ import lightning as L
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
-from datamodules.atomic import writable_dir
-from datamodules.errors import DataFormatError
+from datamodules.common import DataFormatError, writable_dir
 from datamodules.shard_format import decode_sample, load_subject_meta, read_tar_members, subject_name
 from datamodules.streams import EvalStream, TrainStream, epoch_pass_batches
 from datamodules.target_cache import TargetCache

@@ -37,8 +37,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from datamodules.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
-from datamodules.errors import DataFormatError
+from datamodules.common import DataFormatError, atomic_path, remove_stale_temporaries, write_json_atomic
 from datamodules.shard_format import subject_name
 from datamodules.subject_writer import TrialTable, WriteOptions, summarise, write_subject
 

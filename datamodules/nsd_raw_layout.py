@@ -55,8 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.atomic import atomic_path, write_json_atomic
-from datamodules.errors import DataFormatError
+from datamodules.common import DataFormatError, atomic_path, write_json_atomic
 from datamodules.subject_writer import TrialTable
 from datamodules.synthetic import CATEGORIES, ROI_NAMES, RUNS_PER_SESSION, SubjectModel, SyntheticNSD
 

@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from datamodules.atomic import atomic_path
-from datamodules.errors import DataFormatError
+from datamodules.common import DataFormatError, atomic_path
 
 FORMAT_VERSION = 1
 VOXEL_KEY = "voxels.npy"

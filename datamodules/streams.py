@@ -24,7 +24,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from datamodules.errors import DataFormatError
+from datamodules.common import DataFormatError
 from datamodules.shard_format import INFO_KEY, decode_sample
 from datamodules.target_cache import TargetCache
 

@@ -18,9 +18,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from datamodules.atomic import atomic_path, output_lock, remove_stale_temporaries, write_json_atomic
-from datamodules.errors import DataFormatError
-from datamodules.provenance import provenance
+from datamodules.common import (
+    DataFormatError,
+    atomic_path,
+    output_lock,
+    provenance,
+    remove_stale_temporaries,
+    write_json_atomic,
+)
 from datamodules.shard_format import (
     FORMAT_VERSION,
     encode_sample,

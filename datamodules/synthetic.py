@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.atomic import atomic_path, write_json_atomic
-from datamodules.errors import DataFormatError
+from datamodules.common import DataFormatError, atomic_path, write_json_atomic
 from datamodules.subject_writer import TrialTable, WriteOptions, compute_train_stats, write_subject
 
 CATEGORIES = ("animal", "vehicle", "food", "furniture", "sports", "kitchen")

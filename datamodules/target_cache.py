@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.errors import DataFormatError
-from datamodules.provenance import provenance
+from datamodules.common import DataFormatError, provenance
 
 TARGET_FORMAT_VERSION = 1
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from datamodules.errors import DataFormatError
+from datamodules.common import DataFormatError
 from datamodules.shard_format import (
     FORMAT_VERSION,
     IMAGE_KEYS,

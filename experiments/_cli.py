@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from datamodules.errors import run_command
+from datamodules.common import run_command
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run ``main``; a user error (``DataFormatError``, missing weights, an unwritable output path) becomes
     ``error: <message>`` on stderr and exit status 2; ``--debug`` or ``MOREBRAIN_DEBUG=1`` keeps the traceback
-    (``datamodules.errors.run_command``)."""
+    (``datamodules.common.run_command``)."""
     return run_command(main, argv)

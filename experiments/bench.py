@@ -20,8 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from datamodules.atomic import write_json_atomic
-from datamodules.provenance import provenance
+from datamodules.common import provenance, write_json_atomic
 from experiments.benchmarks import data_loader, stage1_encoder, stage2_step
 
 
@@ -58,6 +57,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from datamodules.errors import run_command
+    from datamodules.common import run_command
 
     sys.exit(run_command(main))

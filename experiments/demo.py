@@ -132,6 +132,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from datamodules.errors import run_command
+    from datamodules.common import run_command
 
     sys.exit(run_command(main))

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from datamodules.errors import DataFormatError, debug_requested
+from datamodules.common import DataFormatError, debug_requested
 from experiments.evaluation.inputs import EvaluationInputError
 from experiments.evaluation.suite import METRICS, WEIGHT_OPTIONS, EvaluationConfig
 from lightning_modules.components.target_embedders import MissingWeightsError
@@ -123,6 +123,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from datamodules.errors import run_command
+    from datamodules.common import run_command
 
     sys.exit(run_command(main))

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from datamodules.errors import DataFormatError
+from datamodules.common import DataFormatError
 from experiments.interpretability.report import ReportItem, write_report
 
 
@@ -285,7 +285,7 @@ def default_out(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from datamodules.provenance import package_versions, provenance
+    from datamodules.common import package_versions, provenance
     from experiments.interpretability.outputs import write_json
 
     args, extra = build_parser().parse_known_args(argv)

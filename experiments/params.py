@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from datamodules.errors import DataFormatError
+from datamodules.common import DataFormatError
 from datamodules.mindeye2_import import NSD_VOXELS
 from datamodules.shard_format import load_subject_meta, subject_name
 from experiments._cli import run_main

@@ -11,8 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from datamodules.atomic import write_json_atomic
-from datamodules.provenance import provenance
+from datamodules.common import provenance, write_json_atomic
 from experiments._cli import run_main
 from experiments._config import build, load_config
 from experiments.baselines.ridge import ridge_baseline

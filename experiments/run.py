@@ -56,7 +56,7 @@ def check_checkpoint_module(ckpt_path: str | None, class_path: str | None) -> No
     left to the damaged-checkpoint check."""
     import torch
 
-    from datamodules.errors import DataFormatError
+    from datamodules.common import DataFormatError
 
     if not ckpt_path or not class_path or not Path(ckpt_path).is_file():
         return  # "last"/"best" or a missing file: Lightning resolves or reports those
@@ -170,6 +170,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from datamodules.errors import run_command
+    from datamodules.common import run_command
 
     sys.exit(run_command(main))

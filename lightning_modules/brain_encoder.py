@@ -17,7 +17,7 @@ from lightning.pytorch.core.mixins import hparams_mixin
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from datamodules.provenance import provenance
+from datamodules.common import provenance
 from datamodules.shard_format import FORMAT_VERSION
 from lightning_modules.components.diffusion_prior import DiffusionPrior
 from lightning_modules.components.losses import mixco_inputs

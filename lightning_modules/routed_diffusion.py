@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable
 from torchmetrics import MeanMetric
 
-from datamodules.provenance import provenance
+from datamodules.common import provenance
 from datamodules.shard_format import FORMAT_VERSION
 from lightning_modules import routed_sampling, sdxl_loading, stage1_conditions, stage2_parts
 from lightning_modules.components.brain_prompt import PooledMode, PromptMode

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from datamodules.atomic import write_json_atomic
+from datamodules.common import write_json_atomic
 
 
 def write_run_record(trainer, name: str, record: dict[str, Any]) -> Path | None:

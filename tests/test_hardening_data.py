@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.errors import DataFormatError, run_command
+from datamodules.common import DataFormatError, run_command
 
 # imported before capsys swaps stderr: Lightning's log handlers keep the real one
 from experiments import run as run_cli
@@ -298,7 +298,7 @@ _READ_ONLY_PROBE = """
 import json, sys
 from pathlib import Path
 from datamodules import NSDDataModule
-from datamodules.errors import run_command
+from datamodules.common import run_command
 from experiments.prepare_nsd import main
 data, src, cache = map(Path, sys.argv[1:4])
 dm = NSDDataModule(str(data), subjects=["subj01"], batch_size=4, num_workers=0, val_images=5)
@@ -388,14 +388,14 @@ def _dead_pid() -> int:
 def _lock(path: Path, pid: int, host: str | None = None) -> None:
     import json
 
-    from datamodules.atomic import HOST
+    from datamodules.common import HOST
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"pid": pid, "host": host or HOST, "slurm_job_id": None, "started": "then"}))
 
 
 def test_a_second_import_into_one_output_is_refused_and_the_first_keeps_its_temporaries(tmp_path, capsys, live_pid):
-    from datamodules.atomic import HOST
+    from datamodules.common import HOST
     from tests.conftest import tiny_mindeye2
 
     src = tiny_mindeye2(tmp_path / "src")
@@ -424,7 +424,7 @@ def test_a_stale_import_lock_is_taken_over_and_released(tmp_path):
 
 
 def test_temporary_names_hold_host_and_pid(tmp_path):
-    from datamodules.atomic import HOST, atomic_path
+    from datamodules.common import HOST, atomic_path
 
     with atomic_path(tmp_path / "x.bin") as tmp:
         assert tmp.name == f".x.bin.{HOST}.{os.getpid()}.tmp"

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from datamodules.errors import DataFormatError
+from datamodules.common import DataFormatError
 from datamodules.mindeye2_import import import_mindeye2, read_behav
 from datamodules.shard_format import decode_sample, read_tar_members
 from experiments._cli import run_main

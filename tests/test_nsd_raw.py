@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy.io import loadmat
 
-from datamodules.errors import DataFormatError
+from datamodules.common import DataFormatError
 from datamodules.inspection import describe_dataset
 from datamodules.mindeye2_import import import_mindeye2
 from datamodules.nsd_raw_import import CACHE_DIR, import_nsd_raw

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from datamodules.common import provenance
 from datamodules.nsd import NSDDataModule
-from datamodules.provenance import provenance
 from datamodules.synthetic import SyntheticNSDConfig, generate
 
 BENCH_CONFIG = SyntheticNSDConfig(seed=0, voxels=(16384,), num_sessions=8, trials_per_session=150,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from datamodules.errors import DataFormatError
+from datamodules.common import DataFormatError
 from datamodules.shard_format import INFO_KEY, decode_sample, load_subject_meta, subject_name
 from datamodules.streams import raise_with_shard
 from datamodules.target_cache import write_target_cache

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datamodules.atomic import atomic_path
+from datamodules.common import atomic_path
 from experiments.caching.targets import unique_images
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datamodules.errors import DataFormatError
+from datamodules.common import DataFormatError
 from datamodules.shard_format import IMAGE_KEYS, INFO_KEY, decode_image, load_subject_meta, subject_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.atomic import atomic_path, write_json_atomic
-from datamodules.provenance import provenance
+from datamodules.common import atomic_path, provenance, write_json_atomic
 from experiments.evaluation.suite import METRIC_BY_KEY, EvaluationConfig, SubjectResult
 
 # Published numbers (reference-nsd-eval.md 4.8). Test sets and averaging differ between rows; "tags" says where

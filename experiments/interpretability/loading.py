@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from datamodules.errors import DataFormatError
+from datamodules.common import DataFormatError
 from datamodules.shard_format import subject_name
 
 

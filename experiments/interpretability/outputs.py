@@ -1,5 +1,5 @@
 """Atomic writers for the analyses' files (arrays, tables, JSON, PNG): each goes to a temporary sibling first and
-is renamed into place (``datamodules.atomic``), so an interrupted analysis leaves no half-written file."""
+is renamed into place (``datamodules.common``), so an interrupted analysis leaves no half-written file."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.atomic import atomic_path, write_json_atomic
+from datamodules.common import atomic_path, write_json_atomic
 
 
 def write_npy(path: Path, array: np.ndarray) -> Path:

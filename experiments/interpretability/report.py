@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datamodules.atomic import atomic_path
+from datamodules.common import atomic_path
 
 MAX_ROWS, MAX_COLS = 40, 24
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.atomic import atomic_path
+from datamodules.common import atomic_path
 
 
 def slice_figure(values: np.ndarray, mask: np.ndarray, affine: np.ndarray, path: Path, title: str, *,

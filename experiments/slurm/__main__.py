@@ -5,6 +5,6 @@ import sys
 from experiments.slurm.sweeps import main
 
 if __name__ == "__main__":
-    from datamodules.errors import run_command
+    from datamodules.common import run_command
 
     sys.exit(run_command(main))

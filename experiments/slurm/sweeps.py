@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datamodules.atomic import atomic_path
+from datamodules.common import atomic_path
 from datamodules.shard_format import subject_name
 
 STAGE1_BASE = "configs/base/trainer.yaml"

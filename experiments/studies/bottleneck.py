@@ -15,8 +15,7 @@ from typing import Any
 
 import yaml
 
-from datamodules.atomic import atomic_path, write_json_atomic
-from datamodules.provenance import provenance
+from datamodules.common import atomic_path, provenance, write_json_atomic
 from experiments.interpretability.outputs import write_csv
 from experiments.studies.runs import test_of_saved_run
 

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datamodules.atomic import atomic_path, write_json_atomic
-from datamodules.provenance import provenance
+from datamodules.common import atomic_path, provenance, write_json_atomic
 from experiments.evaluation.inputs import load_test_images
 
 ROWS = ("ceiling", "brain", "ridge", "shuffled")

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datamodules.atomic import write_json_atomic
-from datamodules.provenance import provenance
+from datamodules.common import provenance, write_json_atomic
 from experiments.studies.runs import TINY_STUDY, fit_and_test
 
 RUNS = ("source", "full", "transfer", "same_from_scratch", "all_from_scratch")

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.atomic import remove_stale_temporaries, write_json_atomic
-from datamodules.provenance import provenance
+from datamodules.common import provenance, remove_stale_temporaries, write_json_atomic
 from experiments.world import quality as q
+from experiments.world.build_helpers import seed_everything
 from experiments.world.clip import (
     ClipConfig,
     build_clip,
@@ -30,7 +30,6 @@ from experiments.world.clip import (
     save_clip,
     train_clip,
 )
-from experiments.world.common import seed_everything
 from experiments.world.ip_adapter import IpConfig, load_ip_adapter, save_ip_adapter, train_ip_adapter
 from experiments.world.scenes import Scenes, all_caption_words, make_scenes
 from experiments.world.tokenizer import build_tokenizer

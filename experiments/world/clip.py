@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from experiments.world.common import CLIP_MEAN, CLIP_STD, clip_normalise, progress, seed_everything
+from experiments.world.build_helpers import CLIP_MEAN, CLIP_STD, clip_normalise, progress, seed_everything
 from experiments.world.scenes import Scenes
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from experiments.world.common import progress, seed_everything
+from experiments.world.build_helpers import progress, seed_everything
 from experiments.world.unet import alphas_cumprod, noisy, time_ids
 
 NUM_TOKENS = 4

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from experiments.world.common import progress, seed_everything
+from experiments.world.build_helpers import progress, seed_everything
 from experiments.world.scenes import Scenes
 
 
