@@ -13,7 +13,8 @@ from experiments.world.validate import check_world
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m experiments.make_world", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/world")
     parser.add_argument("--preset", default="full", choices=["full", "reduced"])
     parser.add_argument("--image-size", type=int, default=None)
@@ -43,4 +44,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from datamodules.common import run_command
+
+    sys.exit(run_command(main))

@@ -31,7 +31,7 @@ MODULES = ("peft", "peft.tuners.lora", "torchvision.models", "torchvision.models
            "matplotlib.pyplot", "tensorboard", "safetensors.torch", "webdataset", "torchmetrics")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     start, failed = time.perf_counter(), []
     names = []
     for package in PACKAGES:
@@ -53,4 +53,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from datamodules.common import run_command
+
+    sys.exit(run_command(main))
