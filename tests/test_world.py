@@ -151,10 +151,10 @@ def test_interrupted_build_resumes_without_retraining(reduced_world, tmp_path):
     del manifest["parts"]["ip_adapter"]
     (world / "world.json").write_text(json.dumps(manifest))
     (world / "ip_adapter.safetensors").unlink()
+    kept = {p: p.stat().st_mtime_ns for p in world.rglob("*.safetensors")}  # the finished parts' weights
     stale = world / ".ip_adapter.tmp"
     stale.mkdir()
     (stale / "ip_adapter.safetensors").write_bytes(b"half written")
-    kept = {p: p.stat().st_mtime_ns for p in world.rglob("*.safetensors")}
     with pytest.raises(IncompleteWorldError) as err:
         check_world(world, "--world")
     _one_line(err.value, str(world), "ip_adapter", "--world")
