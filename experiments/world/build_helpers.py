@@ -34,3 +34,14 @@ def progress(iterable, desc: str, total: int | None = None, enabled: bool = True
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, leave=False, mininterval=1.0)
+
+
+def optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, params) -> float:
+    """One step of every world part's training loop: backward, gradient norm clipped to 1, optimiser and schedule
+    step; returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()

@@ -18,7 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from experiments.world.build_helpers import CLIP_MEAN, CLIP_STD, clip_normalise, progress, seed_everything
+from experiments.world.build_helpers import (
+    CLIP_MEAN,
+    CLIP_STD,
+    clip_normalise,
+    optimiser_step,
+    progress,
+    seed_everything,
+)
 from experiments.world.scenes import Scenes
 
 
@@ -94,12 +101,7 @@ def train_clip(cfg: ClipConfig, scenes: Scenes, tokenizer, image_size: int, seed
         logits = logit_scale.clamp(max=math.log(100)).exp() * img @ txt.T
         loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
                       + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(optimiser_step(loss, opt, sched, params))
     return vision.eval(), text.eval(), {"final_loss": float(np.mean(losses[-50:])),
                                         "temperature": float(1 / logit_scale.detach().exp())}
 

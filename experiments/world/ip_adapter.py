@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from experiments.world.build_helpers import progress, seed_everything
+from experiments.world.build_helpers import optimiser_step, progress, seed_everything
 from experiments.world.unet import alphas_cumprod, noisy, time_ids
 
 NUM_TOKENS = 4
@@ -87,12 +87,7 @@ def train_ip_adapter(cfg: IpConfig, unet, latents: torch.Tensor, latent_std: tor
                     added_cond_kwargs={"text_embeds": pooled[cap], "time_ids": ids},
                     cross_attention_kwargs={"injection": Injection(ip_tokens=tokens)}).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(optimiser_step(loss, opt, sched, params))
     return projection.eval(), processors, {"final_loss": float(np.mean(losses[-100:]))}
 
 

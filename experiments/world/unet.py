@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from experiments.world.build_helpers import progress, seed_everything
+from experiments.world.build_helpers import optimiser_step, progress, seed_everything
 
 BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
@@ -110,12 +110,7 @@ def train_unet(cfg: UnetConfig, latents: torch.Tensor, latent_std: torch.Tensor,
         pred = unet(zt, t, encoder_hidden_states=prompt[cap],
                     added_cond_kwargs={"text_embeds": pooled[cap], "time_ids": ids}).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(optimiser_step(loss, opt, sched, unet.parameters()))
     return unet.eval(), {"final_loss": float(np.mean(losses[-100:]))}
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from experiments.world.build_helpers import progress, seed_everything
+from experiments.world.build_helpers import optimiser_step, progress, seed_everything
 from experiments.world.scenes import Scenes
 
 
@@ -53,12 +53,7 @@ def train_vae(cfg: VaeConfig, scenes: Scenes, image_size: int, seed: int, show: 
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(optimiser_step(loss, opt, sched, vae.parameters()))
     return vae.eval(), {"final_loss": float(np.mean(losses[-50:]))}
 
 
