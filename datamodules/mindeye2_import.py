@@ -116,6 +116,7 @@ class MindEyeV2Source:
             raise DataFormatError(f"--sessions {num_sessions} exceeds the {available} sessions in {train_dir}")
         self.num_sessions = num_sessions or available
         self.shard_paths = [train_dir / f"{k}.tar" for k in range(self.num_sessions)]
+        self.unimported_paths = [train_dir / f"{k}.tar" for k in range(self.num_sessions, available)]
         self.test_path = self.root / "wds" / subject / "new_test" / "0.tar"
         self.trials = self._trial_table()
 
@@ -131,7 +132,12 @@ class MindEyeV2Source:
             parts.append(behav)
             test_flags.append(np.full(len(behav), path == self.test_path))
             sources.append(path)
-        behav, is_test = np.concatenate(parts), np.concatenate(test_flags)
+        # the sessions left out by --sessions still place the test trials of those sessions within them
+        context = [read_behav(path) for path in self.unimported_paths]
+        for path, rows in zip(self.unimported_paths, context):
+            self._check_indices(rows, path)
+        kept = sum(len(b) for b in parts)
+        behav, is_test = np.concatenate(parts + context), np.concatenate(test_flags)
         rows = behav[:, 5].astype(np.int64)
         unique, counts = np.unique(rows, return_counts=True)
         if (counts > 1).any():
@@ -142,8 +148,9 @@ class MindEyeV2Source:
         for s in np.unique(session):
             sel = np.flatnonzero(session == s)
             trial[sel[np.argsort(rows[sel])]] = np.arange(len(sel))
-        return TrialTable(nsd_id=behav[:, 0].astype(np.int64), session=session, run=behav[:, 3].astype(np.int64),
-                          trial=trial, global_trial=rows, is_test=is_test)
+        return TrialTable(nsd_id=behav[:kept, 0].astype(np.int64), session=session[:kept],
+                          run=behav[:kept, 3].astype(np.int64), trial=trial[:kept], global_trial=rows[:kept],
+                          is_test=is_test)
 
     def _check_indices(self, behav: np.ndarray, path: Path) -> None:
         ids, rows = behav[:, 0], behav[:, 5]

@@ -108,6 +108,22 @@ def test_sessions_and_renormalise(tmp_path, small_mindeye2):
     assert meta["test"]["num_images"] == SMALL.num_test_images  # the test set is always complete
 
 
+def test_fewer_sessions_keep_the_test_trials_positions_within_their_sessions(tmp_path, imported, small_mindeye2):
+    """With --sessions 1 the test trials of later sessions still carry their true within-session position."""
+    import_mindeye2(small_mindeye2, tmp_path, ["subj01"], sessions=1, progress=False)
+
+    def positions(root):
+        out = {}
+        for shard in sorted((root / "subj01" / "test").glob("*.tar")):
+            for sample in read_shard(shard):
+                info = sample["info"]
+                out.update(zip(info["global_trials"], zip(info["sessions"], info["trials"])))
+        return out
+
+    full, fewer = positions(imported[0]), positions(tmp_path)
+    assert fewer == full and len({s for s, _ in fewer.values()}) > 1  # later sessions' test trials included
+
+
 def test_resume_skips_finished_shards_and_redoes_half_written_ones(tmp_path):
     src = tiny_mindeye2(tmp_path / "src")
     out = tmp_path / "out"
