@@ -102,3 +102,28 @@ def reduced_world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world") / "reduced"
     build_world(out, "reduced", show=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def open_in_chromium():
+    """Loads an HTML file in real headless Chromium (tests/helpers/browser.py) and returns what it saw. Chromium
+    missing or not starting fails the test with the reason (`.ci/run` installs it), never skips."""
+    from tests.helpers.browser import BrowserError, check_page, chromium_binary
+
+    def failing(call, *args):
+        try:
+            return call(*args), ""
+        except BrowserError as exc:  # failed outside the handler: the message alone, not a chained traceback
+            return None, str(exc)
+
+    missing = failing(chromium_binary)[1]
+    if missing:
+        pytest.fail(missing, pytrace=False)
+
+    def check(path: Path):
+        result, error = failing(check_page, path)
+        if error:
+            pytest.fail(f"could not check {path} in Chromium: {error}", pytrace=False)
+        return result
+
+    return check

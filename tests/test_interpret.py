@@ -90,6 +90,20 @@ def test_positive_control_report_shows_every_figure(positive_control):
     assert record["resolved_config"]["model"]["init_args"]["target"] == "factors"
 
 
+def _assert_opens_in_chromium(report: Path, open_in_chromium) -> None:
+    """Every figure of the report loads in real Chromium and the page logs no error."""
+    check = open_in_chromium(report)
+    assert not check.problems(), "\n".join([f"{report} in Chromium:", *check.problems()])
+    figures = report.read_text().count("<img ")
+    assert len(check.images) == check.img_tags == figures > 0
+    print(f"\n{report.parent.name}: {len(check.images)} images loaded in Chromium, no console error")
+
+
+@pytest.mark.slow
+def test_positive_control_report_opens_in_chromium(positive_control, open_in_chromium):
+    _assert_opens_in_chromium(positive_control / "report.html", open_in_chromium)
+
+
 # ------------------------------------------------------------------------------------------ tiny config, end to end
 @pytest.fixture(scope="module")
 def tiny_run(small_data, targets, stage1_checkpoints, tmp_path_factory) -> dict:
@@ -123,6 +137,11 @@ def test_all_writes_every_analysis_and_its_report(tiny_run, small_sim):
     rows = read_csv(out / "voxel_maps/roi_agreement.csv")
     print("\ndefault-like synthetic data (tests' small set, 2-epoch fit), AMI vs null 99th pct:",
           [(r["assignment"], round(float(r["ami"]), 3), round(float(r["null_p99"]), 3)) for r in rows])
+
+
+@pytest.mark.slow
+def test_all_report_opens_in_chromium(tiny_run, open_in_chromium):
+    _assert_opens_in_chromium(tiny_run["out"] / "report.html", open_in_chromium)
 
 
 def test_usage_tables_are_the_routing_statistics_of_the_test_rows(tiny_run):
