@@ -11,12 +11,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def seed_everything(seed: int, threads: int = 1) -> torch.Generator:
-    """Seed python, numpy and torch, fix the thread count; returns a torch generator seeded with ``seed``."""
+def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
+    """Seed python, numpy and torch (and fix the thread count when given); returns a torch generator seeded with
+    ``seed``."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     return torch.Generator().manual_seed(seed)
 
 

@@ -1,7 +1,9 @@
 """The world's VAE: a small ``AutoencoderKL`` with SDXL's 4 latent channels, trained on scene images.
 
 (B, 3, S, S) in [-1, 1] -> latents (B, 4, S / f, S / f) with f = 2 ** (len(blocks) - 1) -> (B, 3, S, S). Loss:
-L1 + MSE of the reconstruction from a posterior sample plus a small KL term. ``scaling_factor`` = 1 / std of the
+L1 + MSE of the reconstruction from a posterior sample, each pixel weighted 1 + ``foreground_weight`` where it
+differs from its image's median colour (the object: a few percent of the pixels, which an unweighted loss lets the
+decoder paint in one mean colour), plus a small KL term. ``scaling_factor`` = 1 / std of the
 trained VAE's latent means over held-out scenes (SDXL's 0.13025 plays this role), written into its config.
 """
 
@@ -26,6 +28,9 @@ class VaeConfig:
     batch: int = 32
     lr: float = 2e-3
     kl_weight: float = 1e-6
+    foreground_weight: float = 10.0  # extra weight of the pixels away from the background colour
+    foreground_threshold: float = 0.1  # max |pixel - image median| over channels, in [0, 1] pixel units
+    crop: int | None = None  # train on random crops of this size (fully convolutional: 4x cheaper at half size)
 
 
 def build_vae(cfg: VaeConfig, image_size: int):
@@ -49,12 +54,29 @@ def train_vae(cfg: VaeConfig, scenes: Scenes, image_size: int, seed: int, show: 
     losses = []
     for _ in progress(range(cfg.steps), "vae", enabled=show):
         x = x_all[torch.randint(0, len(x_all), (cfg.batch,), generator=gen)]
+        weight = 1.0 + cfg.foreground_weight * foreground_mask(x, cfg.foreground_threshold)  # whole images' medians
+        if cfg.crop:  # one offset per batch
+            i, j = torch.randint(0, image_size - cfg.crop + 1, (2,), generator=gen).tolist()
+            x, weight = x[..., i: i + cfg.crop, j: j + cfg.crop], weight[..., i: i + cfg.crop, j: j + cfg.crop]
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.kl_weight * post.kl().mean()
+        loss = weighted_reconstruction_loss(rec, x, weight) + cfg.kl_weight * post.kl().mean()
         losses.append(optimiser_step(loss, opt, sched, vae.parameters()))
     return vae.eval(), {"final_loss": float(np.mean(losses[-50:]))}
+
+
+def foreground_mask(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, 3, S, S) in [-1, 1] -> (B, 1, S, S) 1.0 where a pixel is more than ``threshold`` (in [0, 1] units) away
+    from its image's per-channel median colour."""
+    median = x.flatten(2).median(-1).values[..., None, None]
+    return ((x - median).abs().amax(1, keepdim=True) > 2 * threshold).float()
+
+
+def weighted_reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Pixel-weighted mean of L1 + squared error: (B, 3, S, S) pairs, weight (B, 1, S, S) -> scalar."""
+    err = rec - x
+    return ((err.abs() + err ** 2) * weight).sum() / (weight.sum() * x.shape[1])
 
 
 @torch.no_grad()
