@@ -27,9 +27,19 @@ STAGE2_CONFIGS = ["configs/base/stage2_trainer.yaml", "configs/stage2/world_synt
 SUBJECTS = [1, 2, 3]
 
 
+STEPS: list[tuple[str, float]] = []  # (message, start) of every step run, for the closing time summary
+
+
 def step(message: str) -> float:
     print(f"\n== {message}", flush=True)
-    return time.perf_counter()
+    STEPS.append((message, time.perf_counter()))
+    return STEPS[-1][1]
+
+
+def time_summary(end: float) -> str:
+    """One line per step run: its wall time (until the next step began)."""
+    ends = [start for _, start in STEPS[1:]] + [end]
+    return "\n".join(f"{e - start:7.0f} s  {message}" for (message, start), e in zip(STEPS, ends))
 
 
 def targets_current(directory: Path, model: Path) -> bool:
@@ -127,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{stage1['clip_text']}, {stage1['clip_image']}")
     print(f"stage 2: {stage2_dir}; reconstructions and per-step routing per row: {runs / 'stage2_world'}")
     print(f"table: {record}; truth | ceiling | brain | ridge: {grid}   (make tensorboard)")
-    print(f"demo took {time.perf_counter() - start:.0f} s")
+    end = time.perf_counter()
+    print(f"\nwhere the time went:\n{time_summary(end)}")
+    print(f"demo took {end - start:.0f} s")
     return 0
 
 
