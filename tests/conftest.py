@@ -94,14 +94,10 @@ def stage1_checkpoints(small_data, targets, tmp_path_factory) -> dict[str, Path]
 
 
 @pytest.fixture(scope="session")
-def reduced_world(tmp_path_factory) -> Path:
-    """The reduced learned world (32 px: the small dataset's image size), built once per session (tests/test_world.py
-    checks the build; tests/test_world_decoding.py decodes with it)."""
-    from experiments.world.build import build_world
-
-    out = tmp_path_factory.mktemp("world") / "reduced"
-    build_world(out, "reduced", show=False)
-    return out
+def reduced_world() -> Path:
+    """The committed reduced learned world (``experiments/world/reduced``, 32 px: the small dataset's image size;
+    tests/test_world.py checks that the code rebuilds it). Read-only: a test that changes a world copies it."""
+    return Path(__file__).resolve().parent.parent / "experiments" / "world" / "reduced"
 
 
 @pytest.fixture(scope="session")
