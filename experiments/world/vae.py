@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from experiments.world.build_helpers import optimiser_step, progress, seed_everything
 from experiments.world.scenes import Scenes
