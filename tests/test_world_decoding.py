@@ -3,9 +3,10 @@
 Everything runs through the real entry point (``experiments.run``) on the small synthetic dataset: stage 1 on the
 world CLIP's targets, a short stage-2 fit on the world's SDXL with its IP-Adapter frozen, then ``predict`` of the
 test images under controls. Assertions are the directions the ground truth guarantees: the fit lowers the
-held-out diffusion loss of the same model untrained; the brain row is identified (two-way, the world's CLIP) far
-better than the same model fed shuffled brains or zeroed router inputs; the ceiling (true embeddings) is at least
-as good as the brain.
+held-out diffusion loss of the same model untrained; the brain row is identified (two-way, the world's CLIP)
+better than the same model fed shuffled brains, with a higher PixCorr; the ceiling (true embeddings) is at least
+as good as the brain. The issue's margins (15 points over the shuffled and the zeroed-router-input controls) are a
+strict expected failure until the short fits reach them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 STAGE1 = [REPO / "configs/base/trainer.yaml", REPO / "configs/stage1/tiny_synthetic.yaml",
           REPO / "configs/stage1/world.yaml"]
 STAGE2 = [REPO / "configs/base/stage2_trainer.yaml", REPO / "configs/stage2/world_synthetic.yaml"]
-MARGIN = 15.0  # percentage points of CLIP two-way identification above each control
+MARGIN = 15.0  # percentage points of CLIP two-way identification above each control (the issue's target)
+SHUFFLED_MARGIN = 8.0  # what the short fits on the small dataset hold today (measured 14.0)
 
 
 def _configs(paths: list[Path]) -> list[str]:
@@ -102,11 +104,9 @@ def test_a_short_stage2_fit_on_the_world_lowers_the_held_out_diffusion_loss_of_t
     assert fitted["fitted"] < fitted["untrained"], fitted
 
 
-@pytest.mark.xfail(strict=True, reason="the learned world does not decode yet: its IP-Adapter ceiling is at the "
-                   "shuffled level (the world's VAE decodes every object in the mean colour; quality.json), so no "
-                   "brain row can beat its controls; passes, and must then lose this mark, once the world decodes")
-def test_stage2_on_the_world_decodes_brains_beyond_every_control(
-        fitted, stage2_args, small_data, world_targets, reduced_world):
+@pytest.fixture(scope="module")
+def row_results(fitted, stage2_args, small_data, world_targets, reduced_world) -> dict[str, dict[str, float]]:
+    """{row: {metric: value}} of the fitted model's test reconstructions of subject 1 under the controls."""
     from experiments.studies import reconstruction_rows as rows
 
     width = __import__("json").loads((reduced_world / "image_encoder" / "config.json").read_text())["projection_dim"]
@@ -118,9 +118,24 @@ def test_stage2_on_the_world_decodes_brains_beyond_every_control(
     recon = rows.predict_rows(stage2_args, fitted["checkpoint"], fitted["log_root"].parent,
                               fitted["log_root"].name, "rows", conditions)
     results = rows.evaluate_rows(small_data, recon, ["subj01"], str(reduced_world / "image_encoder"), bootstrap=0)
-    two_way = {row: r[0].values["clip"] for row, r in results.items()}
     print(rows.rows_table(results))
+    return {row: r[0].values for row, r in results.items()}
+
+
+def test_stage2_on_the_world_decodes_brains_beyond_the_shuffled_control(row_results):
+    """Measured (20 test images): two-way ceiling 80.0, brain 59.5, shuffled 45.5; PixCorr 0.076 vs 0.044."""
+    two_way = {row: v["clip"] for row, v in row_results.items()}
+    assert two_way["brain"] >= two_way["shuffled"] + SHUFFLED_MARGIN, two_way
+    assert row_results["brain"]["pixcorr"] > row_results["shuffled"]["pixcorr"], row_results
+    assert two_way["ceiling"] >= two_way["brain"] - 5.0, two_way  # the true embeddings carry at least as much
+    assert abs(two_way["shuffled"] - 50.0) < 20.0, two_way
+
+
+@pytest.mark.xfail(strict=True, reason="the issue's margins are not met on the small dataset: brain 59.5 vs "
+                   "shuffled 45.5 vs zeroed 58.9 (ceiling 80.0), stage 1's prior being the bottleneck (test top-1 "
+                   "0.15 of 20 after 12 epochs); 40 stage-1 epochs and 4x the stage-2 steps give 68.4 / 52.4 / "
+                   "58.9. Passes, and must then lose this mark, once the short fits decode by 15 points")
+def test_stage2_on_the_world_decodes_brains_beyond_every_control_by_15_points(row_results):
+    two_way = {row: v["clip"] for row, v in row_results.items()}
     assert two_way["brain"] >= two_way["shuffled"] + MARGIN, two_way
     assert two_way["brain"] >= two_way["zeroed"] + MARGIN, two_way  # zeroed router inputs carry nothing
-    assert two_way["ceiling"] >= two_way["brain"] - 5.0, two_way
-    assert abs(two_way["shuffled"] - 50.0) < 20.0, two_way
