@@ -1,7 +1,9 @@
 """Load SDXL's parts from a local diffusers directory (``from_pretrained``, never a download).
 
 The directory has the layout of ``stabilityai/stable-diffusion-xl-base-1.0``: ``unet/``, ``vae/``, ``scheduler/``,
-``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``. A missing part raises
+``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``. Each model's weights are its fp32 files
+or, when those are absent, the snapshot's ``fp16`` variant (``*.fp16.safetensors``, what many downloads keep),
+loaded in the dtype asked for (the VAE and text encoders always in float32). A missing part or weight file raises
 ``MissingWeightsError`` naming the option to set. Also what stage 2 installs on them: the frozen UNet and VAE
 (``load_frozen_sdxl``), the DDPM training schedule, the fixed prompt buffers (``fixed_prompts``) and the text
 branch's ``brain_prompt``, the peft UNet LoRA (``add_lora``, ``LORA_TARGETS``) and its export, and VAE latents.
@@ -23,6 +25,20 @@ NEEDS = {"unet": "config.json", "vae": "config.json", "scheduler": "scheduler_co
          "tokenizer_2": "tokenizer_config.json"}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}
+
+
+def weights_variant(root: Path, part: str, option: str = "model.sdxl_dir") -> str | None:
+    """``None`` when ``root/part`` holds fp32 weights (one file or an index of shards), ``"fp16"`` when it holds only
+    the fp16 variant; otherwise ``MissingWeightsError`` naming the part, the files looked for and ``option``."""
+    stem = WEIGHT_STEMS[part]
+    for variant, infix in ((None, ""), ("fp16", ".fp16")):
+        names = [f"{stem}{infix}.safetensors", f"{stem}{infix}.safetensors.index.json"]
+        if any((root / part / name).is_file() for name in names):
+            return variant
+    raise MissingWeightsError(f"{option}: {root / part} has no weights ({stem}.safetensors, its .fp16 variant or "
+                              "a sharded index of either); copy the snapshot's weight files there")
 
 
 @dataclass
@@ -55,15 +71,17 @@ def load_sdxl(directory: str | Path, option: str = "model.sdxl_dir", dtype: str 
 
     root = check_sdxl_dir(directory, option)
     kw = {"local_files_only": True}
-    torch_dtype = DTYPES[dtype]
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch_dtype, **kw)
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, **kw)
+    variant = {part: weights_variant(root, part, option) for part in WEIGHT_STEMS}
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=DTYPES[dtype],
+                                                variant=variant["unet"], **kw)
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, variant=variant["vae"],
+                                        **kw)  # float32 always: SDXL's VAE overflows in fp16
     import json
 
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    return SDXLParts(unet=unet, vae=vae, scheduler_config=scheduler_config,
-                     text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", **kw),
-                     text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", **kw),
+    text = {part: cls.from_pretrained(root / part, dtype=torch.float32, variant=variant[part], **kw)
+            for part, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection))}
+    return SDXLParts(unet=unet, vae=vae, scheduler_config=scheduler_config, **text,
                      tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer", **kw),
                      tokenizer_2=AutoTokenizer.from_pretrained(root / "tokenizer_2", **kw))
 

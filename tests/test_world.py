@@ -165,6 +165,33 @@ def test_reduced_world_loads_through_the_real_loaders(reduced_world):
     load_ip_adapter_weights(reduced_world / "ip_adapter.safetensors", projection, processors)
 
 
+def test_an_fp16_variant_snapshot_loads_in_float32_and_missing_weights_name_the_part(reduced_world, tmp_path):
+    """SDXL snapshots often keep only ``*.fp16.safetensors``: the loader takes that variant (upcast to float32
+    where the model runs in float32) and gives the same outputs to fp16 rounding; no weights at all is one line."""
+    from lightning_modules.components.target_embedders import MissingWeightsError
+    from lightning_modules.sdxl_loading import WEIGHT_STEMS, encode_prompt, load_sdxl
+
+    snapshot = tmp_path / "sdxl"
+    shutil.copytree(reduced_world, snapshot)
+    reference, halved = load_sdxl(reduced_world), load_sdxl(reduced_world)
+    for part, stem in WEIGHT_STEMS.items():
+        getattr(halved, part).to(torch.float16).save_pretrained(snapshot / part, variant="fp16")
+        (snapshot / part / f"{stem}.safetensors").unlink()
+    parts = load_sdxl(snapshot)
+    for part in WEIGHT_STEMS:
+        assert next(getattr(parts, part).parameters()).dtype == torch.float32, part
+    prompt, pooled = encode_prompt(parts, "a red cat")
+    ref_prompt, ref_pooled = encode_prompt(reference, "a red cat")
+    assert torch.allclose(prompt, ref_prompt, atol=2e-2) and torch.allclose(pooled, ref_pooled, atol=2e-2)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(parts.vae.decode(latents).sample, reference.vae.decode(latents).sample, atol=2e-2)
+    assert load_sdxl(snapshot, dtype="bfloat16").unet.dtype == torch.bfloat16
+    (snapshot / "vae" / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    with pytest.raises(MissingWeightsError) as err:
+        load_sdxl(snapshot, option="--sdxl-dir")
+    _one_line(err.value, str(snapshot / "vae"), "--sdxl-dir", "fp16")
+
+
 @pytest.mark.slow
 def test_reduced_world_quality_beats_controls(reduced_world):
     quality = json.loads((reduced_world / "quality.json").read_text())
