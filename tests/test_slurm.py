@@ -67,8 +67,8 @@ def test_every_generated_line_parses_through_the_real_cli(tmp_path, monkeypatch)
         assert config.trainer.enable_progress_bar is False and config.trainer.logger.init_args.version == \
             sub.sweep.version(sub.indices[0])
     stage2 = env_cfgs["nsd_stage2"].model.init_args
-    assert stage2.image_encoder == f"{tmp_path}/nsd_stage1/0-subj01-image/checkpoints/last.ckpt"
-    assert stage2.text_encoder == f"{tmp_path}/nsd_stage1/1-subj01-text/checkpoints/last.ckpt"
+    assert stage2.image_encoder == f"{tmp_path}/nsd_stage1/0-subj01-image/checkpoints/best.ckpt"
+    assert stage2.text_encoder == f"{tmp_path}/nsd_stage1/1-subj01-text/checkpoints/best.ckpt"
     ns = args_for("bottleneck", "--subjects", "subj01", "--targets", "image", "--b-sizes", "64", "128", "--logs",
                   str(tmp_path))
     (sub,) = plan_for("bottleneck", ns)
@@ -149,7 +149,7 @@ def test_make_dry_run_prints_the_exact_sbatch_calls(tmp_path):
 def test_stage2_without_a_stage1_job_or_checkpoints_is_an_error_naming_the_fix(tmp_path):
     result = subprocess.run([sys.executable, "-m", "experiments.slurm", "stage2", "--subjects", "subj01",
                              "--logs", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "STAGE1_JOB" in result.stderr and "last.ckpt" in result.stderr
+    assert result.returncode == 2 and "STAGE1_JOB" in result.stderr and "best.ckpt" in result.stderr
 
 
 # ------------------------------------------------------------------------------------------- a real Slurm

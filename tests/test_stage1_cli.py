@@ -50,6 +50,21 @@ def test_fit_writes_checkpoints_with_provenance_and_logs(fitted):
     assert "val/fwd_top1" in cli.trainer.callback_metrics
 
 
+def test_best_ckpt_holds_the_epoch_that_validated_best(fitted):
+    """checkpoints/best.ckpt (what stage 2 reads) is the epoch with the highest val/fwd_top1 in the run's own
+    TensorBoard log (the first such epoch on a tie), one file however often validation improved."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli, _ = fitted
+    log_dir = Path(cli.trainer.log_dir)
+    events = EventAccumulator(str(log_dir)).Reload()
+    scores = [e.value for e in events.Scalars("val/fwd_top1")]
+    assert len(scores) == cli.trainer.max_epochs
+    best = torch.load(log_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == int(np.argmax(scores))
+    assert not list((log_dir / "checkpoints").glob("best-*.ckpt"))
+
+
 def test_test_and_predict_from_the_checkpoint(fitted, small_data, small_sim, tmp_path):
     cli, _ = fitted
     ckpt = str(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt")

@@ -46,6 +46,7 @@ STAGE2_BASE = "configs/base/stage2_trainer.yaml"
 SLURM_CONFIG = "configs/base/slurm.yaml"
 SCRIPT = "experiments/slurm/fit_array.sbatch"
 TARGETS = {"image": "clip_image", "text": "clip_text"}
+BEST = "best.ckpt"  # stage 2 reads the stage-1 epoch that validated best (configs/base/trainer.yaml writes it)
 
 
 @dataclass(frozen=True)
@@ -175,8 +176,8 @@ def stage2_sweep(profile: str, subjects: Sequence[str], stage1: Sweep, logs: str
     for subject in [subject_name(s) for s in subjects]:
         image, text = (stage1.index(subject=subject, target=t, b_size=None) for t in ("image", "text"))
         args = ["fit", *_configs(STAGE2_BASE, *prof.stage2, SLURM_CONFIG), f"--data.init_args.subjects=[{subject}]",
-                f"--model.init_args.image_encoder={stage1.checkpoint(image)}",
-                f"--model.init_args.text_encoder={stage1.checkpoint(text)}"]
+                f"--model.init_args.image_encoder={stage1.checkpoint(image, BEST)}",
+                f"--model.init_args.text_encoder={stage1.checkpoint(text, BEST)}"]
         tasks.append(Task(subject, [*args, *extra], {"subject": subject, "stage1": (image, text)}))
     return Sweep(experiment, logs, tasks)
 
@@ -354,7 +355,7 @@ def plan_for(command: str, args: argparse.Namespace) -> list[Submission]:
         plan = [Submission("STAGE1_JOB", s1, list(range(len(s1.tasks))))] if command == "pipeline" else []
         own = "STAGE1_JOB" if command == "pipeline" else None
         if not own and not args.stage1_job and not args.dry_run:
-            _require_files([s1.checkpoint(i) for t in s2.tasks for i in t.meta["stage1"]], "STAGE1_JOB")
+            _require_files([s1.checkpoint(i, BEST) for t in s2.tasks for i in t.meta["stage1"]], "STAGE1_JOB")
         for i, task in enumerate(s2.tasks):  # one job per subject: it waits for its own stage-1 tasks only
             plan.append(Submission(f"STAGE2_{task.meta['subject'].upper()}_JOB", s2, [i], upstream(task.meta["stage1"], own)))
         return plan
