@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", default="demo")
     args = parser.parse_args(argv)
     data, world, start = Path(args.data), Path(args.world), time.perf_counter()
+    STEPS.clear()  # a second main() in one process times only its own steps
 
     from experiments import make_synthetic_nsd, prepare_nsd
     from experiments.world.validate import check_world
