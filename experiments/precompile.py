@@ -26,7 +26,7 @@ LAZY = {  # module -> names imported inside functions somewhere in the project
     "transformers": ["CLIPVisionModelWithProjection", "CLIPTextModelWithProjection", "CLIPTextModel",
                      "CLIPTokenizer", "AutoTokenizer", "CLIPImageProcessor"],
 }
-MODULES = ("peft", "peft.tuners.lora", "torchvision.models", "torchvision.models.feature_extraction", "lpips",
+MODULES = ("lightning.pytorch.cli", "jsonargparse", "attrs", "peft", "peft.tuners.lora", "torchvision.models", "torchvision.models.feature_extraction", "lpips",
            "skimage.metrics", "sklearn.linear_model", "sklearn.decomposition", "scipy.stats", "nibabel", "h5py",
            "matplotlib.pyplot", "tensorboard", "safetensors.torch", "webdataset", "torchmetrics")
 

@@ -78,7 +78,7 @@ def expert_embeddings(encoders: dict[str, torch.nn.Module], tables: dict[str, Co
         if branch in tables:
             experts = tables[branch].lookup(subject, sub["nsd_id"], device)
         else:
-            experts = encoder(sub["voxels"], subject, sub.get("repeat_mask"))
+            experts = encoder.embed(sub, subject)  # FrozenStage1 or CachedStage1
         if shuffle:
             if len(experts[0]) < 2:
                 raise ValueError("model.shuffle_conditions needs batches of at least 2 images")

@@ -1,14 +1,12 @@
 """Stage 2 LightningModule: SDXL conditioned on frozen stage-1 experts through temporal and spatial routers.
 
-Per sample, once: voxels -> frozen stage-1 encoder -> per-level expert embeddings [(B, E_l, D)] (optionally each
-through the frozen stage-1 prior). Per denoising step: spatial router (noisy latent pooled to a g x g grid ->
-weights over each level's experts, (B, G, E_l)), temporal router (timestep sinusoid -> weights over levels,
-(B, L)) -> tokens (B, G or 1, D) per branch. Image tokens are projected to the cross-attention width and attended
-through decoupled (IP-Adapter style, optionally regional) attention in every cross-attention layer; text tokens
-become the prompt embeddings. Trained: UNet LoRA (peft), routers, projections, IP key/value and image projection
-(unless loaded from IP-Adapter weights; ``lightning_modules.stage2_parts`` is the one definition); everything else is frozen by ``requires_grad_(False)``, never by ``torch.no_grad`` around a
-trained path. Checkpoints hold only the trained parameters. Hooks and wiring here; the per-step conditioning, UNet
-call and losses in ``routed_conditioning``, guidance in ``components.guidance``, generation in ``routed_sampling``.
+Per sample, once: voxels -> frozen stage-1 encoder (or its conditioning cache) -> per-level expert embeddings
+[(B, E_l, D)], optionally each through the frozen stage-1 prior. Per denoising step: spatial router (noisy latent
+pooled to a g x g grid -> (B, G, E_l) weights), temporal router (timestep sinusoid -> (B, L) level weights) ->
+tokens (B, G or 1, D) per branch; image tokens go through decoupled (IP-Adapter style, optionally regional)
+attention in every cross-attention layer, text tokens become the prompt. Trained parts: ``stage2_parts`` (the one
+definition); the rest is frozen by ``requires_grad_(False)``, never by ``torch.no_grad`` around a trained path, and
+checkpoints hold only the trained parts. Per-step conditioning, UNet call and losses: ``routed_conditioning``.
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ from lightning_modules.condition_tables import ConditionTable, build_condition_t
 from lightning_modules.routed_conditioning import RoutedConditioning
 from lightning_modules.routed_sampling import SamplerName
 from lightning_modules.run_records import attached_datamodule, datamodule_record, write_run_record
-from lightning_modules.sdxl_loading import DTYPES, LORA_TARGETS  # noqa: F401 - LORA_TARGETS: importable from here
+from lightning_modules.sdxl_loading import LORA_TARGETS  # noqa: F401 - importable from here
 from lightning_modules.stage2_parts import PARTS, Stage2Part  # noqa: F401 - PARTS: importable from here as before
 
 REFERENCE_NEGATIVE = ("low quality, blurry, deformed, bad anatomy, disfigured, poorly drawn, mutated, extra limbs")
@@ -77,6 +75,8 @@ class RoutedDiffusionModule(RoutedConditioning, L.LightningModule):
         condition_tables: per branch (``image`` / ``text``), a target cache of fixed embeddings by nsd_id used
             instead of the stage-1 experts (``lightning_modules.condition_tables``): the true targets give the
             ceiling (what a perfect stage 1 would give), a baseline's predictions its row, through the same stage 2.
+        condition_cache: per branch, a conditioning cache (``experiments.cache_conditions``) read instead of running
+            the branch's frozen stage-1 encoder and prior, which are then never built (``condition_cache``).
         shuffle_conditions: a control: every image is conditioned on another image's brain (expert rows rolled by
             one within each batch), the chance level measured on the same data.
         trainable: the parts trained, by module reference (``parts()``): ``lora``, ``routers`` (temporal and
@@ -107,15 +107,15 @@ class RoutedDiffusionModule(RoutedConditioning, L.LightningModule):
                  inference_steps: int = 50, guidance_scale: float = 5.0,
                  negative_prompt: str = REFERENCE_NEGATIVE, seed: int = 0, init_from: str | None = None,
                  trainable: list[Stage2Part] | None = None, condition_dropout: float = 0.0,
-                 condition_tables: dict[str, str] | None = None, shuffle_conditions: bool = False):
+                 condition_tables: dict[str, str] | None = None, shuffle_conditions: bool = False,
+                 condition_cache: dict[str, str] | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["lr_scheduler"])
         if image_branch is None and text_branch is None:
             raise ValueError("model.image_branch and model.text_branch are both null: enable at least one")
         self.lr_scheduler_factory = lr_scheduler
         self.run_config: str | None = None
-        # checkpoints hold only the trained parameters (the frozen parts come from model.sdxl_dir and the stage-1
-        # checkpoints); on_load_checkpoint checks that exactly those are present
+        # checkpoints hold only the trained parameters; on_load_checkpoint checks that exactly those are present
         self.strict_loading = False
         parts = sdxl_loading.load_frozen_sdxl(sdxl_dir, "model.sdxl_dir", frozen_dtype)
         self.unet, self.vae = parts.unet, parts.vae
@@ -125,14 +125,15 @@ class RoutedDiffusionModule(RoutedConditioning, L.LightningModule):
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone(), persistent=False)
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         cross_dim = self.unet.config.cross_attention_dim
-        branch_kw = dict(frozen_dtype=DTYPES[frozen_dtype], unet=self.unet, num_train_timesteps=self.num_train_timesteps,
+        caches = stage2_parts.branch_caches(condition_cache, condition_tables, image=image_branch, text=text_branch)
+        branch_kw = dict(frozen_dtype=frozen_dtype, unet=self.unet, num_train_timesteps=self.num_train_timesteps,
                          prior_steps=prior_steps, prior_guidance=prior_guidance, prior_seed=prior_seed,
                          repeat_average=repeat_average)
         self.grid = stage2_parts.regional_grid(image_branch, text_branch)
         # registered inside the UNet, not here; without an image branch they hold no IP weights
         self.ip_processors = tuple(install_processors(self.unet, with_ip=image_branch is not None))
         self.image_encoder, self.image_router = stage2_parts.build_branch(
-            image_branch, image_encoder, "model.image_encoder", **branch_kw)
+            image_branch, image_encoder, "model.image_encoder", **caches["image"], **branch_kw)
         self.image_projection = None
         if image_branch is not None:
             self.image_projection = ImageTokenProjection(self.image_encoder.embed_dim, cross_dim, ip_tokens)
@@ -141,13 +142,12 @@ class RoutedDiffusionModule(RoutedConditioning, L.LightningModule):
         for name, value in sdxl_loading.fixed_prompts(parts, negative_prompt).items():
             self.register_buffer(name, value, persistent=False)
         self.text_encoder, self.text_router = stage2_parts.build_branch(
-            text_branch, text_encoder, "model.text_encoder", **branch_kw)
+            text_branch, text_encoder, "model.text_encoder", **caches["text"], **branch_kw)
         self.brain_prompt = None if text_branch is None else sdxl_loading.brain_prompt(
             parts, self.text_encoder.embed_dim, cross_dim, sos_prompt, prompt_mode, pooled_text)
         del parts  # text encoders are only needed for the fixed prompts above
         sdxl_loading.add_lora(self.unet, lora_rank, lora_alpha, lora_targets, lora_init)
-        # after add_adapter: peft leaves only the LoRA weights of the UNet trainable; the parts decide the rest
-        # (lightning_modules.stage2_parts: the one definition the parameter report uses too)
+        # after add_adapter (peft leaves only the UNet's LoRA trainable) the parts (stage2_parts) decide the rest
         self.trainable, self.stored_parts = stage2_parts.trained_and_stored(
             image_branch is not None, bool(ip_adapter_weights), ip_adapter_trainable, trainable)
         stage2_parts.apply_trainable(self.parts(), self.trainable, self.stored_parts)
@@ -294,7 +294,7 @@ class RoutedDiffusionModule(RoutedConditioning, L.LightningModule):
     def provenance(self) -> dict[str, Any]:
         sources = {"sdxl_dir": self.hparams.sdxl_dir, "image_encoder": self.hparams.image_encoder,
                    "text_encoder": self.hparams.text_encoder, "ip_adapter_weights": self.hparams.ip_adapter_weights,
-                   "init_from": self.hparams.get("init_from")}
+                   "init_from": self.hparams.get("init_from"), "condition_cache": self.hparams.get("condition_cache")}
         data = datamodule_record(attached_datamodule(self), "data_dir", "subjects", "sessions")
         return provenance(resolved_config=self.run_config, data_format_version=FORMAT_VERSION, sources=sources,
                           **data)

@@ -52,9 +52,10 @@ class FrozenStage1(nn.Module):
                  repeat_average: Literal["embeddings", "input"] = "embeddings"):
         super().__init__()
         from lightning_modules.brain_encoder import BrainEncoderModule
+        from lightning_modules.components.target_embedders import MissingWeightsError
 
         if not checkpoint or not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"{option}: no stage-1 checkpoint at {checkpoint!r} (train stage 1 first, or "
+            raise MissingWeightsError(f"{option}: no stage-1 checkpoint at {checkpoint!r} (train stage 1 first, or "
                                     "drop this branch)")
         stage1 = _load_stage1(BrainEncoderModule, checkpoint, option)
         self.checkpoint, self.target = str(checkpoint), stage1.hparams.target
@@ -104,6 +105,10 @@ class FrozenStage1(nn.Module):
         """(n, V) -> (n, sum E, D) expert embeddings before the prior."""
         out = self.moe(self.adapters(voxels.to(next(self.moe.parameters()).dtype), subject))
         return torch.cat(out.backbone if self.source == "prior" else out.clip, 1)
+
+    def embed(self, sub: dict, subject: str) -> list[torch.Tensor]:
+        """A sub-batch (``voxels`` (b, V), or (b, R, V) with ``repeat_mask``) -> [(b, E_l, D)] per level."""
+        return self(sub["voxels"], subject, sub.get("repeat_mask"))
 
     @torch.no_grad()
     def forward(self, voxels: torch.Tensor, subject: str, repeat_mask: torch.Tensor | None = None

@@ -17,8 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from torch import nn
 
+from datamodules.common import DataFormatError
 from lightning_modules.checkpoint_files import load_state_dict_file
 from lightning_modules.run_records import count_parameters
 
@@ -104,20 +106,45 @@ def check_stored(expected: set[str], found: set[str]) -> None:
                          f"unexpected {extra[:3]} (different branches, LoRA targets or IP-Adapter training?)")
 
 
-def build_branch(spec, checkpoint: str | None, option: str, frozen_dtype, unet: nn.Module,
-                 num_train_timesteps: int, **encoder_kw) -> tuple[nn.Module | None, nn.Module | None]:
-    """One branch's frozen stage-1 encoder (``FrozenStage1`` of ``checkpoint``, in ``frozen_dtype``) and its
-    trained ``RoutedBranch`` (temporal and spatial routers) for ``unet``; (None, None) when ``spec`` is None."""
+def build_branch(spec, checkpoint: str | None, option: str, frozen_dtype: str, unet: nn.Module,
+                 num_train_timesteps: int, cache: str | None = None, cache_option: str = "model.condition_cache",
+                 **encoder_kw
+                 ) -> tuple[nn.Module | None, nn.Module | None]:
+    """One branch's frozen expert source and its trained ``RoutedBranch`` (temporal and spatial routers) for
+    ``unet``; (None, None) when ``spec`` is None. The source is the ``FrozenStage1`` of ``checkpoint`` in
+    ``frozen_dtype``, or, given ``cache`` (its conditioning-cache directory), a ``CachedStage1`` that reads the
+    same embeddings and builds no encoder (it refuses a cache computed with other settings or weights)."""
     from lightning_modules.components.routed_branch import RoutedBranch
+    from lightning_modules.condition_cache import CachedStage1
+    from lightning_modules.sdxl_loading import DTYPES
     from lightning_modules.stage1_conditions import FrozenStage1
 
     if spec is None:
         return None, None
-    encoder = FrozenStage1(checkpoint, option, spec.source, **encoder_kw).to(frozen_dtype)
+    if cache:
+        settings = {"source": spec.source, "frozen_dtype": frozen_dtype, **encoder_kw}
+        encoder = CachedStage1(cache, cache_option, settings, checkpoint)
+    else:  # RNG-neutral (building stage 1 initialises weights it then loads), so a cached run starts identically
+        with torch.random.fork_rng(devices=[]):
+            encoder = FrozenStage1(checkpoint, option, spec.source, **encoder_kw).to(DTYPES[frozen_dtype])
     # the routers see the UNet's timestep sinusoid (time_proj width) and its noisy latent channels
     router = RoutedBranch(spec, encoder.embed_dim, encoder.num_experts, unet.time_proj.num_channels,
                           unet.config.in_channels, num_train_timesteps)
     return encoder, router
+
+
+def branch_caches(caches: dict[str, str] | None, tables: dict[str, str] | None, **specs) -> dict[str, dict]:
+    """``model.condition_cache`` -> per branch the ``build_branch`` keywords (``cache``, ``cache_option``); a
+    cache for a disabled branch, or for a branch that a condition table already replaces, is refused."""
+    caches = dict(caches or {})
+    for branch in caches:
+        if specs.get(branch) is None:
+            raise DataFormatError(f"model.condition_cache.{branch}: no such branch in this configuration (branches: "
+                             f"{[b for b, s in specs.items() if s is not None]})")
+        if branch in (tables or {}):
+            raise DataFormatError(f"model.condition_cache.{branch} and model.condition_tables.{branch} both replace the "
+                             "branch's stage-1 experts: choose one")
+    return {b: {"cache": caches.get(b), "cache_option": f"model.condition_cache.{b}"} for b in specs}
 
 
 def regional_grid(*specs) -> int:

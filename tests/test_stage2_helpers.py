@@ -75,8 +75,8 @@ def test_kl_terms_cover_the_branches_with_a_temporal_router():
 class _Encoder(nn.Module):
     num_experts, embed_dim = [1, 2], 3
 
-    def forward(self, voxels, subject, repeat_mask=None):
-        return [voxels[:, None, :3].expand(-1, e, -1).double() for e in self.num_experts]
+    def embed(self, sub, subject):  # the expert source interface (FrozenStage1, CachedStage1)
+        return [sub["voxels"][:, None, :3].expand(-1, e, -1).double() for e in self.num_experts]
 
 
 def test_expert_embeddings_come_from_the_encoder_as_float32_and_shuffle_rolls_them_by_one():
