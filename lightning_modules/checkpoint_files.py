@@ -13,9 +13,12 @@ from typing import Any
 
 import torch
 
+from datamodules.common import DataFormatError
 
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint holds objects that only a full (code-running) unpickling could rebuild."""
+
+class UnsafeCheckpointError(DataFormatError):
+    """A checkpoint holds objects that only a full (code-running) unpickling could rebuild (a user error: one line
+    and exit status 2 at a command door)."""
 
 
 def refusal(option: str, path: str | Path, exc: BaseException) -> UnsafeCheckpointError:

@@ -8,7 +8,6 @@ training and inference; it is frozen and outside autograd (everything after it, 
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Literal
 
@@ -16,31 +15,24 @@ import torch
 from torch import nn
 
 from datamodules.shard_format import subject_name
-from lightning_modules.checkpoint_files import refusal
 from lightning_modules.stage1_evaluation import repeat_weights
+from lightning_modules.stage1_files import build_stage1, read_stage1
 
 
 def _load_stage1(cls, checkpoint: str, option: str = "checkpoint"):
-    """``cls.load_from_checkpoint`` (``weights_only=True``: a file needing more than tensors and plain data is
-    refused naming ``option``) with Lightning's CLI hyperparameter context cleared: LightningCLI hands the
-    hyperparameters of the module it is instantiating to every ``save_hyperparameters`` call made meanwhile, which
-    would give the nested stage-1 module stage 2's hyperparameters."""
-    from lightning.pytorch.core.mixins import hparams_mixin
-
-    token = hparams_mixin._given_hyperparameters.set(None)
-    try:
-        return cls.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise refusal(option, checkpoint, exc) from None
-    finally:
-        hparams_mixin._given_hyperparameters.reset(token)
+    """``cls`` (``BrainEncoderModule``) rebuilt from a stage-1 checkpoint or export (``stage1_files``): only the
+    state dict and hyperparameters are read (``weights_only=True``, memory-mapped: a checkpoint's optimizer state is
+    never loaded; a file needing more than tensors and plain data is refused naming ``option``), with Lightning's
+    CLI hyperparameter context cleared while the module is built (``build_stage1``)."""
+    return build_stage1(cls, read_stage1(checkpoint, option), option)
 
 
 class FrozenStage1(nn.Module):
     """A stage-1 checkpoint's adapters, MoE and prior, frozen (``requires_grad_(False)``, always in eval mode).
 
     Args:
-        checkpoint: stage-1 checkpoint path; ``option`` names the config key it came from (for errors).
+        checkpoint: a stage-1 Lightning checkpoint (``.ckpt``) or export directory (or its ``model.safetensors``,
+            ``python -m experiments.export_stage1``); ``option`` names the config key it came from (for errors).
         source: ``prior`` or ``clip`` (see module docstring).
         prior_steps / prior_guidance / prior_seed: the deterministic prior sampler.
         repeat_average: evaluation batches (b, R, V) average the R repeats at the expert ``embeddings`` (before
@@ -54,7 +46,7 @@ class FrozenStage1(nn.Module):
         from lightning_modules.brain_encoder import BrainEncoderModule
         from lightning_modules.components.target_embedders import MissingWeightsError
 
-        if not checkpoint or not Path(checkpoint).is_file():
+        if not checkpoint or not Path(checkpoint).exists():
             raise MissingWeightsError(f"{option}: no stage-1 checkpoint at {checkpoint!r} (train stage 1 first, or "
                                     "drop this branch)")
         stage1 = _load_stage1(BrainEncoderModule, checkpoint, option)
