@@ -269,7 +269,8 @@ class NSDDataModule(L.LightningDataModule):
         return target
 
     def prepare_data(self) -> None:
-        """Validate metadata, and materialise validation shards once (rank zero of each node)."""
+        """Validate metadata, and materialise validation shards once (rank zero of each node; of nodes sharing
+        the cache directory one writes, the others wait)."""
         self._load_metas()
         for s in self.subjects:
             ids = self.val_ids(s)

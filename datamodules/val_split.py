@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from datamodules.build_once import build_once
 from datamodules.common import DataFormatError
 from datamodules.shard_format import (
     FORMAT_VERSION,
@@ -69,9 +70,13 @@ def val_cache_path(cache_dir: Path, subject: str, sessions: Sequence[int], ids: 
 
 def build_val_shard(subject_root: Path, meta: Mapping[str, Any], sessions: Sequence[int], ids: Sequence[int],
                     path: Path) -> Path:
-    """Regroup the trials of ``ids`` from the session shards into one grouped shard at ``path`` (atomic)."""
-    if path.exists():
-        return path
+    """Regroup the trials of ``ids`` from the session shards into one grouped shard at ``path`` (atomic), unless it
+    exists; of the nodes that share the cache directory exactly one writes it, the others wait (``build_once``)."""
+    return build_once(path, lambda target: _write_val_shard(subject_root, meta, sessions, ids, target))
+
+
+def _write_val_shard(subject_root: Path, meta: Mapping[str, Any], sessions: Sequence[int], ids: Sequence[int],
+                     path: Path) -> None:
     wanted = set(ids)
     trials: dict[int, list[tuple[int, np.ndarray, dict]]] = {i: [] for i in ids}
     images: dict[int, tuple[str, bytes]] = {}
@@ -104,4 +109,3 @@ def build_val_shard(subject_root: Path, meta: Mapping[str, Any], sessions: Seque
                    INFO_KEY: json.dumps(info, sort_keys=True).encode()}
 
     write_shard(path, samples())
-    return path

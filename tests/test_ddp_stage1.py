@@ -42,16 +42,42 @@ def ddp_run(small_data, targets, tmp_path_factory) -> tuple[Path, Path]:
 VAL_IMAGES = 3
 
 
-def single_process_validation(model, small_data: Path, val_cache: Path):
+def single_process_validation(model, small_data: Path, val_cache: Path, val_images: int = VAL_IMAGES):
     """The validation data module of the DDP fit, in this process (the same held-out images)."""
     from datamodules import NSDDataModule
 
     dm = NSDDataModule(str(small_data), subjects=["subj01", "subj02"], eval_batch_size=3, num_workers=0,
-                       val_images=VAL_IMAGES, val_cache_dir=str(val_cache), load_images=False,
+                       val_images=val_images, val_cache_dir=str(val_cache), load_images=False,
                        targets={"clip_text": "targets/clip_text"})
     dm.prepare_data()
     dm.setup("validate")
     return dm
+
+
+def single_process_retrieval(checkpoint: Path, small_data: Path, val_cache: Path,
+                             val_images: int = VAL_IMAGES) -> dict[str, tuple[float, float]]:
+    """Brain->image and image->brain validation top-1 per subject (subj01, subj02) of ``checkpoint``, computed in
+    this process over the valid rows only, sorted by nsd_id (what a DDP fit's reduction must equal)."""
+    from lightning_modules import BrainEncoderModule
+    from lightning_modules.metrics import retrieval_top1
+
+    model = BrainEncoderModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
+    dm = single_process_validation(model, small_data, val_cache, val_images)
+    parts: dict[str, list] = {"subj01": [], "subj02": []}
+    with torch.no_grad():
+        for batch in (b for loader in dm.val_dataloader() for b in loader):
+            out, average = model.encode_repeats(batch["voxels"], batch["repeat_mask"], batch["subject"])
+            valid = batch["valid"]
+            parts[batch["subject"]].append((batch["nsd_id"][valid], average(out.clip_mean)[valid],
+                                            model._target(batch)[valid]))
+    expected = {}
+    for subject, rows in parts.items():
+        ids, clip, target = (torch.cat(p) for p in zip(*rows))
+        assert len(ids) == val_images
+        order = ids.argsort()
+        expected[subject] = retrieval_top1(clip[order], target[order], model.hparams.retrieval_candidates,
+                                           model.hparams.retrieval_draws, model.hparams.eval_seed)
+    return expected
 
 
 @pytest.mark.slow
@@ -60,9 +86,6 @@ def test_two_rank_fit_reduces_validation_over_valid_rows_only(ddp_run, small_dat
     """Retrieval among the 3 validation images of each subject, with rank 1 holding only padding, equals the same
     retrieval in one process with the final weights (a reduction that counted the padding, or kept each rank's own
     rows, changes the candidates or the top-1)."""
-    from lightning_modules import BrainEncoderModule
-    from lightning_modules.metrics import retrieval_top1
-
     run, tmp_path = ddp_run
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1
@@ -72,23 +95,11 @@ def test_two_rank_fit_reduces_validation_over_valid_rows_only(ddp_run, small_dat
 
     events = EventAccumulator(str(run)).Reload()
     # rank 1 holds only a padding copy of each subject's one validation batch, which must not count
-    model = BrainEncoderModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu",
-                                                    weights_only=True).eval()
-    dm = single_process_validation(model, small_data, tmp_path / "vc")
-    expected: dict[str, list] = {"subj01": [], "subj02": []}
-    with torch.no_grad():
-        for batch in (b for loader in dm.val_dataloader() for b in loader):
-            out, average = model.encode_repeats(batch["voxels"], batch["repeat_mask"], batch["subject"])
-            valid = batch["valid"]
-            expected[batch["subject"]].append((batch["nsd_id"][valid], average(out.clip_mean)[valid],
-                                               model._target(batch)[valid]))
+    expected = single_process_retrieval(run / "checkpoints" / "last.ckpt", small_data, tmp_path / "vc")
     for subject in ("subj01", "subj02"):
         candidates = [e.value for e in events.Scalars(f"val/{subject}/candidates")]
         assert candidates == [float(VAL_IMAGES)] * 2
-        ids, clip, target = (torch.cat(parts) for parts in zip(*expected[subject]))
-        order = ids.argsort()
-        fwd, bwd = retrieval_top1(clip[order], target[order], model.hparams.retrieval_candidates,
-                                  model.hparams.retrieval_draws, model.hparams.eval_seed)
+        fwd, bwd = expected[subject]
         assert events.Scalars(f"val/{subject}/fwd_top1")[-1].value == pytest.approx(fwd, abs=1e-6)
         assert events.Scalars(f"val/{subject}/bwd_top1")[-1].value == pytest.approx(bwd, abs=1e-6)
     assert len(events.Scalars("train/loss")) >= 1
