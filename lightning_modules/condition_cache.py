@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from datamodules.common import DataFormatError, file_sha256
+from datamodules.common import DataFormatError
 from datamodules.shard_format import subject_name
+from lightning_modules.stage1_files import weights_sha256
 
 CONDITION_FORMAT_VERSION = 1
 SPLITS = ("train", "eval")
@@ -152,8 +153,8 @@ class CachedStage1(nn.Module):
             if key in settings and settings[key] != first[key]:
                 raise DataFormatError(f"{option}: {self.directory} was computed with {key}={first[key]!r}, but "
                                       f"this run has {where}={settings[key]!r}; recompute it or match the setting")
-        if checkpoint and Path(checkpoint).is_file():
-            if file_sha256(checkpoint) != first["encoder"]["sha256"]:
+        if checkpoint and Path(checkpoint).exists():
+            if weights_sha256(checkpoint) != first["encoder"]["sha256"]:
                 raise DataFormatError(f"{option}: {self.directory} was computed from {first['encoder']['path']}, "
                                       f"not from this run's stage-1 checkpoint {checkpoint} (other weights)")
         self.meta, self.num_experts, self.embed_dim = first, list(first["num_experts"]), int(first["embed_dim"])

@@ -11,7 +11,6 @@ optimizer state is never read into memory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from datamodules.common import HOST, DataFormatError, provenance
+from datamodules.common import HOST, DataFormatError, file_sha256, provenance
 from lightning_modules.checkpoint_files import refusal
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -49,13 +48,11 @@ def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:240]}"
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
-    """Hex sha256 of a file's bytes, read in ``chunk``-byte pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def weights_sha256(path: str | Path) -> str:
+    """The sha256 that identifies a stage-1 file's weights: of its ``model.safetensors`` for an export, of the
+    checkpoint file otherwise (what a conditioning cache records of the encoder it was computed from)."""
+    export = export_dir(path)
+    return file_sha256(export / WEIGHTS if export is not None else path)
 
 
 def export_dir(path: str | Path) -> Path | None:

@@ -30,12 +30,13 @@ import webdataset as wds
 from tqdm import tqdm
 
 from datamodules import NSDDataModule
-from datamodules.common import DataFormatError, file_sha256, provenance, write_json_atomic
+from datamodules.common import DataFormatError, provenance, write_json_atomic
 from datamodules.shard_format import FORMAT_VERSION, decode_sample
 from datamodules.streams import raise_with_shard
 from lightning_modules.condition_cache import CONDITION_FORMAT_VERSION, STORAGE, read_meta, voxel_checksums
 from lightning_modules.sdxl_loading import DTYPES
 from lightning_modules.stage1_conditions import FrozenStage1
+from lightning_modules.stage1_files import weights_sha256
 
 BRANCHES = ("image", "text")
 
@@ -234,7 +235,7 @@ def cache_conditions(config: dict[str, Any], out: str | Path, branches: list[str
                                settings["prior_guidance"], settings["prior_seed"], settings["repeat_average"])
         encoder = encoder.to(DTYPES[settings["frozen_dtype"]]).to(device)
         meta = {"format_version": CONDITION_FORMAT_VERSION, "branch": branch,
-                "encoder": {"path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint),
+                "encoder": {"path": str(Path(checkpoint).resolve()), "sha256": weights_sha256(checkpoint),
                             "target": encoder.target},
                 **settings, "num_experts": encoder.num_experts, "embed_dim": encoder.embed_dim,
                 "dtype": settings["frozen_dtype"],
