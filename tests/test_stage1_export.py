@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from datamodules.common import file_sha256
 from datamodules.shard_format import FORMAT_VERSION
 from experiments._cli import run_main
 from experiments.export_stage1 import main
 from lightning_modules.stage1_conditions import FrozenStage1
-from datamodules.common import file_sha256
 from lightning_modules.stage1_files import CONFIG, WEIGHTS, Stage1FileError
 
 
