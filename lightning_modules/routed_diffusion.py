@@ -21,13 +21,9 @@ from torchmetrics import MeanMetric
 
 from datamodules.common import provenance
 from datamodules.shard_format import FORMAT_VERSION
-from lightning_modules import routed_sampling, sdxl_loading, stage1_conditions, stage2_parts
+from lightning_modules import frozen_sdxl, routed_sampling, sdxl_loading, stage1_conditions, stage2_parts
 from lightning_modules.components.brain_prompt import PooledMode, PromptMode
-from lightning_modules.components.injection import (
-    ImageTokenProjection,
-    install_processors,
-    load_ip_adapter_weights,
-)
+from lightning_modules.components.injection import ImageTokenProjection, install_processors
 from lightning_modules.components.level_prior import KLDirection
 from lightning_modules.components.routed_branch import BranchSpec
 from lightning_modules.condition_tables import ConditionTable, build_condition_tables
@@ -117,7 +113,8 @@ class RoutedDiffusionModule(RoutedConditioning, L.LightningModule):
         self.run_config: str | None = None
         # checkpoints hold only the trained parameters; on_load_checkpoint checks that exactly those are present
         self.strict_loading = False
-        parts = sdxl_loading.load_frozen_sdxl(sdxl_dir, "model.sdxl_dir", frozen_dtype)
+        # the frozen SDXL parts' architecture only (on meta); configure_model loads their weights (frozen_sdxl)
+        parts = sdxl_loading.sdxl_skeleton(sdxl_dir, "model.sdxl_dir", frozen_dtype)
         self.unet, self.vae = parts.unet, parts.vae
         self.scheduler_config = dict(parts.scheduler_config)
         self.noise_scheduler = sdxl_loading.training_scheduler(self.scheduler_config)
@@ -137,15 +134,15 @@ class RoutedDiffusionModule(RoutedConditioning, L.LightningModule):
         self.image_projection = None
         if image_branch is not None:
             self.image_projection = ImageTokenProjection(self.image_encoder.embed_dim, cross_dim, ip_tokens)
-            if ip_adapter_weights:
-                load_ip_adapter_weights(ip_adapter_weights, self.image_projection, self.ip_processors)
+        if torch.empty(0).device.type != "meta":
+            frozen_sdxl.check_frozen_files(ip_adapter_weights)
         for name, value in sdxl_loading.fixed_prompts(parts, negative_prompt).items():
             self.register_buffer(name, value, persistent=False)
         self.text_encoder, self.text_router = stage2_parts.build_branch(
             text_branch, text_encoder, "model.text_encoder", **caches["text"], **branch_kw)
         self.brain_prompt = None if text_branch is None else sdxl_loading.brain_prompt(
-            parts, self.text_encoder.embed_dim, cross_dim, sos_prompt, prompt_mode, pooled_text)
-        del parts  # text encoders are only needed for the fixed prompts above
+            parts, self.text_encoder.embed_dim, cross_dim, prompt_mode, pooled_text)
+        self._frozen_loaded = False
         sdxl_loading.add_lora(self.unet, lora_rank, lora_alpha, lora_targets, lora_init)
         # after add_adapter (peft leaves only the UNet's LoRA trainable) the parts (stage2_parts) decide the rest
         self.trainable, self.stored_parts = stage2_parts.trained_and_stored(
@@ -182,10 +179,13 @@ class RoutedDiffusionModule(RoutedConditioning, L.LightningModule):
         """Parameters per part (params, share of the module's total, trainable) and the trained total."""
         return stage2_parts.parameter_counts(self, self.parts(), self.trainable)
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.init_from and not getattr(self, "_initialised_from", False):
-            self.load_from_stage2(self.hparams.init_from)
-            self._initialised_from = True
+    def configure_model(self) -> None:
+        """Load the frozen weights into the architecture ``__init__`` built, once (``frozen_sdxl``), and for a fit
+        the ``init_from`` transfer; Lightning calls it before restoring a checkpoint, a script without a Trainer."""
+        if not self._frozen_loaded:
+            trainer = self._trainer
+            frozen_sdxl.load_frozen_parts(self, fitting=trainer is None or trainer.state.fn == "fit")
+            self._frozen_loaded = True
 
     def load_from_stage2(self, path: str) -> None:
         """Load the stored parts (LoRA, routers, projections, ...) of another stage-2 checkpoint."""

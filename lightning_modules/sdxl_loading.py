@@ -11,6 +11,7 @@ branch's ``brain_prompt``, the peft UNet LoRA (``add_lora``, ``LORA_TARGETS``) a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,14 +77,51 @@ def load_sdxl(directory: str | Path, option: str = "model.sdxl_dir", dtype: str 
                                                 variant=variant["unet"], **kw)
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, variant=variant["vae"],
                                         **kw)  # float32 always: SDXL's VAE overflows in fp16
-    import json
-
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     text = {part: cls.from_pretrained(root / part, dtype=torch.float32, variant=variant[part], **kw)
             for part, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection))}
     return SDXLParts(unet=unet, vae=vae, scheduler_config=scheduler_config, **text,
                      tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer", **kw),
                      tokenizer_2=AutoTokenizer.from_pretrained(root / "tokenizer_2", **kw))
+
+
+@dataclass
+class SDXLSkeleton:
+    """The frozen SDXL parts' architecture without weights: UNet and VAE on ``meta`` (from their config.json), the
+    scheduler config, the encoded prompt's shape (S, C), the pooled width P and text encoder 2's width."""
+
+    unet: Any
+    vae: Any
+    scheduler_config: dict
+    prompt_shape: tuple[int, int]
+    pooled_dim: int
+    te2_width: int
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def sdxl_skeleton(directory: str | Path, option: str = "model.sdxl_dir", dtype: str = "float32") -> SDXLSkeleton:
+    """The architecture of ``directory``'s UNet (in ``dtype``) and VAE on the ``meta`` device, from the config
+    files alone; built off ``meta``, every weight file the later ``load_sdxl`` needs must exist (one line naming
+    ``option`` otherwise), so a run fails at once rather than when its model is configured."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    root = check_sdxl_dir(directory, option)
+    if torch.empty(0).device.type != "meta":
+        for part in WEIGHT_STEMS:
+            weights_variant(root, part, option)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet")).to(DTYPES[dtype])
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
+    unet.requires_grad_(False).train()  # it trains through its LoRA; only the frozen parts stay in eval mode
+    vae.requires_grad_(False).eval()
+    te1, te2 = _json(root / "text_encoder" / "config.json"), _json(root / "text_encoder_2" / "config.json")
+    length = int(_json(root / "tokenizer_2" / "tokenizer_config.json").get("model_max_length", 77))
+    return SDXLSkeleton(unet, vae, _json(root / "scheduler" / "scheduler_config.json"),
+                        (length, int(te1["hidden_size"]) + int(te2["hidden_size"])), int(te2["projection_dim"]),
+                        int(te2["hidden_size"]))
 
 
 @torch.no_grad()
@@ -122,9 +160,14 @@ def training_scheduler(scheduler_config: dict):
     return DDPMScheduler.from_config(scheduler_config)
 
 
-def fixed_prompts(parts: SDXLParts, negative_prompt: str) -> dict[str, torch.Tensor]:
+def fixed_prompts(parts: SDXLParts | SDXLSkeleton, negative_prompt: str) -> dict[str, torch.Tensor]:
     """The prompts stage 2 encodes once: the negative prompt (classifier-free guidance's negative half) and the
-    empty prompt (the text conditioning without a text branch), as buffer name -> (S, C) or (P,) tensor."""
+    empty prompt (the text conditioning without a text branch), as buffer name -> (S, C) or (P,) tensor; of a
+    skeleton, zero placeholders of those shapes (filled when the weights are loaded)."""
+    if isinstance(parts, SDXLSkeleton):
+        embeds, pooled = torch.zeros(parts.prompt_shape), torch.zeros(parts.pooled_dim)
+        return {"negative_prompt_embeds": embeds, "negative_pooled": pooled, "empty_prompt_embeds": embeds.clone(),
+                "empty_pooled": pooled.clone()}
     negative_embeds, negative_pooled = encode_prompt(parts, negative_prompt)
     empty_embeds, empty_pooled = encode_prompt(parts, "")
     return {"negative_prompt_embeds": negative_embeds, "negative_pooled": negative_pooled,
@@ -173,16 +216,19 @@ def encode_latents(vae, sub: dict[str, Any], key: str | None, size: tuple[int, i
     return (dist.sample() if sample else dist.mode()).float() * scale
 
 
-def brain_prompt(parts: SDXLParts, embed_dim: int, cross_dim: int, sos_prompt: str, prompt_mode: str,
-                 pooled_text: str):
-    """The text branch's ``BrainPrompt`` around the encoded ``sos_prompt`` (its first position and length, the
-    pooled width); ``prompt_mode: reference`` needs experts as wide as text encoder 2."""
+def brain_prompt(sdxl: SDXLSkeleton, embed_dim: int, cross_dim: int, prompt_mode: str, pooled_text: str):
+    """The text branch's ``BrainPrompt`` for the skeleton's prompt length and pooled width (its SOS embedding is
+    set when the text encoders are loaded: ``sos_embedding``); ``prompt_mode: reference`` needs experts as wide as
+    text encoder 2."""
     from lightning_modules.components.brain_prompt import BrainPrompt
 
-    prompt_embeds, pooled = encode_prompt(parts, sos_prompt)
-    te2_width = parts.text_encoder_2.config.hidden_size
-    if prompt_mode == "reference" and embed_dim != te2_width:
+    if prompt_mode == "reference" and embed_dim != sdxl.te2_width:
         raise ValueError(f"model.text_encoder embeds {embed_dim}-d, but prompt_mode "
-                         f"reference needs text encoder 2's width {te2_width}; use prompt_mode projected")
-    return BrainPrompt(embed_dim, cross_dim, pooled.shape[-1], prompt_embeds[0], prompt_embeds.shape[0],
-                       prompt_mode, pooled_text)
+                         f"reference needs text encoder 2's width {sdxl.te2_width}; use prompt_mode projected")
+    return BrainPrompt(embed_dim, cross_dim, sdxl.pooled_dim, torch.zeros(sdxl.prompt_shape[1]),
+                       sdxl.prompt_shape[0], prompt_mode, pooled_text)
+
+
+def sos_embedding(parts: SDXLParts, sos_prompt: str) -> torch.Tensor:
+    """The first position (C,) of the encoded ``sos_prompt``: the text branch's start token."""
+    return encode_prompt(parts, sos_prompt)[0][0]

@@ -51,6 +51,8 @@ def modules(overrides: list[str], cache: Path, *extra: str):
     cli = cli_main(args, run=False)
     cached = cli_main(args + [f"--model.init_args.condition_cache={{image: {cache / 'image'}, "
                               f"text: {cache / 'text'}}}"], run=False).model
+    cli.model.configure_model()
+    cached.configure_model()
     dm = cli.datamodule
     dm.prepare_data()
     dm.setup("fit")
@@ -112,7 +114,7 @@ def test_rerun_keeps_parts_interrupted_run_resumes_and_shards_join_to_the_same_c
 
     from experiments.caching import conditions
 
-    original, calls = conditions._PartWriter.write, []
+    original, calls = conditions.PartWriter.write, []
 
     def interrupted(self, split, keys, values):
         calls.append(split)
@@ -120,19 +122,19 @@ def test_rerun_keeps_parts_interrupted_run_resumes_and_shards_join_to_the_same_c
             raise KeyboardInterrupt
         original(self, split, keys, values)
 
-    monkeypatch.setattr(conditions._PartWriter, "write", interrupted)
+    monkeypatch.setattr(conditions.PartWriter, "write", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_cache(tmp / "resumed", overrides, "--branches", "image")
     assert not (tmp / "resumed" / "image" / "subj01" / "part-0-of-1").exists()  # nothing half-written in place
     assert (tmp / "resumed" / "image" / "subj01" / ".part-0-of-1.tmp" / "progress.json").is_file()
-    monkeypatch.setattr(conditions._PartWriter, "write", original)
+    monkeypatch.setattr(conditions.PartWriter, "write", original)
     written = []
-    monkeypatch.setattr(conditions._PartWriter, "write", lambda self, *a: (written.append(len(a[1])),
+    monkeypatch.setattr(conditions.PartWriter, "write", lambda self, *a: (written.append(len(a[1])),
                                                                               original(self, *a)))
     assert write_cache(tmp / "resumed", overrides, "--branches", "image") == 0
     total = sum(len(k) for k, _ in reference.values())
     assert sum(written) == total - 2 * 6  # the two batches written before the interruption are not redone
-    monkeypatch.setattr(conditions._PartWriter, "write", original)
+    monkeypatch.setattr(conditions.PartWriter, "write", original)
     for root in (tmp / "resumed" / "image",):
         got = _parts(root)
         assert all(np.array_equal(got[k][0], reference[k][0]) and np.array_equal(got[k][1], reference[k][1])

@@ -27,7 +27,9 @@ def build(tiny_models: Path, ckpts: dict[str, Path], **overrides) -> RoutedDiffu
                   warmup_steps=1, val_timesteps=[300, 700],
                   inference_steps=4, guidance_scale=2.0)
     kwargs.update(overrides)
-    return RoutedDiffusionModule(**kwargs)
+    module = RoutedDiffusionModule(**kwargs)
+    module.configure_model()  # what the Trainer does before using it: load the frozen weights
+    return module
 
 
 def datamodule(data: Path, tmp: Path) -> NSDDataModule:

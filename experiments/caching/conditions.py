@@ -93,7 +93,7 @@ def _eval_batches(dm: NSDDataModule, index: int, shard: int, num_shards: int) ->
             j += 1
 
 
-class _PartWriter:
+class PartWriter:
     """One part's arrays, memory-mapped in its temporary directory, with the rows done per split."""
 
     def __init__(self, tmp: Path, meta: dict[str, Any], counts: dict[str, int], width: tuple[int, int]):
@@ -148,7 +148,7 @@ def _rows(experts: list[torch.Tensor], valid: torch.Tensor | None = None) -> np.
     return values.view(torch.uint16).numpy() if values.dtype == torch.bfloat16 else values.numpy()
 
 
-def _write_trials(writer: _PartWriter, encoder: FrozenStage1, batch: list[dict[str, Any]], subject: str,
+def _write_trials(writer: PartWriter, encoder: FrozenStage1, batch: list[dict[str, Any]], subject: str,
                   device: str) -> None:
     """Decoded training samples -> their keys (nsd_id, session, trial, crc) and expert rows."""
     voxels = torch.from_numpy(np.stack([s["voxels"] for s in batch]).astype(np.float32))
@@ -156,6 +156,16 @@ def _write_trials(writer: _PartWriter, encoder: FrozenStage1, batch: list[dict[s
     keys = np.stack([np.array([x[k] for x in info], dtype=np.int64) for k in ("nsd_id", "session", "trial")]
                     + [voxel_checksums(voxels)], 1)
     writer.write("train", keys, _rows(encoder(voxels.to(device), subject)))
+
+
+def part_meta(branch: str, settings: dict[str, Any], encoder: dict[str, Any], num_experts: list[int],
+              embed_dim: int, subject: str, num_voxels: int, part: tuple[int, int], counts: dict[str, int],
+              **extra: Any) -> dict[str, Any]:
+    """A part's ``meta.json``: what the reader checks (``condition_cache``) and the provenance in ``extra``."""
+    return {"format_version": CONDITION_FORMAT_VERSION, "branch": branch, "encoder": encoder, **settings,
+            "num_experts": list(num_experts), "embed_dim": int(embed_dim), "dtype": settings["frozen_dtype"],
+            "subject": subject, "num_voxels": {subject: int(num_voxels)}, "part": list(part), "counts": counts,
+            **extra}
 
 
 def cache_branch(encoder: FrozenStage1, dm: NSDDataModule, out: Path, meta: dict[str, Any], shard: int,
@@ -168,12 +178,12 @@ def cache_branch(encoder: FrozenStage1, dm: NSDDataModule, out: Path, meta: dict
         final, tmp = out / subject / name, out / subject / f".{name}.tmp"
         eval_sizes = _eval_batch_sizes(dm, subject)[shard::num_shards]
         counts = {"train": _count_training_trials(dm, subject, shard, num_shards), "eval": sum(eval_sizes)}
-        subject_meta = {**meta, "subject": subject, "num_voxels": {subject: dm.num_voxels()[subject]},
-                        "sessions": dm.sessions(subject), "part": [shard, num_shards], "counts": counts}
+        subject_meta = part_meta(**meta, subject=subject, num_voxels=dm.num_voxels()[subject],
+                                 part=(shard, num_shards), counts=counts, sessions=dm.sessions(subject))
         if final.is_dir() and _same(read_meta(final), subject_meta):
             written.append(final)
             continue
-        writer = _PartWriter(tmp, subject_meta, counts, width)
+        writer = PartWriter(tmp, subject_meta, counts, width)
         bar = tqdm(total=sum(counts.values()), initial=sum(writer.done.values()), disable=not progress,
                    desc=f"{meta['branch']} {subject} {name}", unit="row")
         skip, batch = writer.done["train"], []
@@ -234,11 +244,10 @@ def cache_conditions(config: dict[str, Any], out: str | Path, branches: list[str
         encoder = FrozenStage1(checkpoint, option, settings["source"], settings["prior_steps"],
                                settings["prior_guidance"], settings["prior_seed"], settings["repeat_average"])
         encoder = encoder.to(DTYPES[settings["frozen_dtype"]]).to(device)
-        meta = {"format_version": CONDITION_FORMAT_VERSION, "branch": branch,
+        meta = {"branch": branch, "settings": settings, "num_experts": encoder.num_experts,
+                "embed_dim": encoder.embed_dim,
                 "encoder": {"path": str(Path(checkpoint).resolve()), "sha256": weights_sha256(checkpoint),
                             "target": encoder.target},
-                **settings, "num_experts": encoder.num_experts, "embed_dim": encoder.embed_dim,
-                "dtype": settings["frozen_dtype"],
                 "data": {k: data.get(k) for k in ("data_dir", "num_sessions", "val_images", "seed", "pad_repeats",
                                                   "eval_batch_size")},
                 "provenance": provenance(resolved_config=config, data_format_version=FORMAT_VERSION,

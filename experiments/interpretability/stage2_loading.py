@@ -62,6 +62,7 @@ def load_stage2_run(checkpoint: str | Path | None, configs: list[str], overrides
     model = cli.model
     if not isinstance(model, RoutedDiffusionModule):
         _check_stage2(type(model).__name__)
+    model.configure_model()  # the frozen weights, as the Trainer would load them before restoring a checkpoint
     try:
         model.on_load_checkpoint(state)
     except ValueError as exc:

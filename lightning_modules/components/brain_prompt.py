@@ -29,16 +29,19 @@ class BrainPrompt(nn.Module):
         self.mode, self.pooled_mode = mode, pooled
         if sos.shape != (cross_dim,):
             raise ValueError(f"SOS embedding has shape {tuple(sos.shape)}, expected ({cross_dim},)")
-        if mode == "reference":
-            if embed_dim > cross_dim:
-                raise ValueError(f"brain text width {embed_dim} exceeds the cross-attention width {cross_dim}")
-            sos = sos.clone()
-            sos[: cross_dim - embed_dim] = 0  # the reference zeroes the CLIP-L half
-            self.proj = None
-        else:
-            self.proj = nn.Linear(embed_dim, cross_dim)
-        self.register_buffer("sos", sos, persistent=False)
+        if mode == "reference" and embed_dim > cross_dim:
+            raise ValueError(f"brain text width {embed_dim} exceeds the cross-attention width {cross_dim}")
+        self.proj = nn.Linear(embed_dim, cross_dim) if mode == "projected" else None
+        self.register_buffer("sos", torch.empty_like(sos), persistent=False)
+        self.set_sos(sos)
         self.pooled_proj = nn.Linear(embed_dim, pooled_dim) if pooled == "projected" else None
+
+    def set_sos(self, sos: torch.Tensor) -> None:
+        """The start token (C,); ``reference`` zeroes its CLIP-L half (the first C - D entries)."""
+        sos = sos.detach().clone().to(self.sos.device, self.sos.dtype)
+        if self.mode == "reference":
+            sos[: self.cross_dim - self.embed_dim] = 0
+        self.sos = sos
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         b, t, d = tokens.shape
