@@ -2,10 +2,11 @@
 
     python -m experiments.params --config configs/base/trainer.yaml --config configs/stage1/image_nsd.yaml
     python -m experiments.params --config configs/base/stage2_trainer.yaml --config configs/stage2/sdxl_nsd.yaml
+    python -m experiments.params --paper-table      # every paper-scale configuration (the README's table)
 
 Stage 1: voxel counts come from the prepared data when it exists, else from NSD's nsdgeneral table.
-Stage 2 (``RoutedDiffusionModule``): the module is not built (it loads from disk); its trained and frozen parts are
-assembled from ``model.init_args`` with the UNet of ``<sdxl_dir>/unet/config.json`` (SDXL base's when absent).
+Stage 2 (``RoutedDiffusionModule``): the module itself, built on ``meta`` from the config files of ``model.sdxl_dir``
+(SDXL base's when absent) and the stage-1 experts' shape (``--embed-dim``, ``--experts``): nothing is loaded.
 """
 
 from __future__ import annotations
@@ -13,16 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-
-import torch
 
 from datamodules.common import DataFormatError
 from datamodules.mindeye2_import import NSD_VOXELS
 from datamodules.shard_format import load_subject_meta, subject_name
 from experiments._cli import run_main
-from experiments._config import build, load_config
-from experiments.parameters.stage2 import SDXL_BASE_UNET, format_report, stage2_parameter_report
+from experiments._config import load_config
+from experiments.parameters.stage2 import format_report, stage2_report
 from experiments.parameters.table import format_table, parameter_table
 
 
@@ -41,38 +39,29 @@ def voxel_counts(data_args: dict) -> dict[str, int]:
 
 def stage2_rows(init_args: dict, embed_dim: int = 1280, num_experts: tuple[int, ...] = (2, 4, 8, 16)
                 ) -> tuple[list[dict], str]:
-    """Parameter rows of a ``RoutedDiffusionModule`` config (its ``init_args``) and where its UNet config came
-    from."""
-    from lightning_modules.components.routed_branch import BranchSpec
-
-    branches = {b: BranchSpec(**init_args[f"{b}_branch"]) if init_args.get(f"{b}_branch") else None
-                for b in ("image", "text")}
-    unet_json = Path(str(init_args.get("sdxl_dir") or "")) / "unet" / "config.json"
-    if init_args.get("sdxl_dir") and unet_json.is_file():
-        unet_config, source = json.loads(unet_json.read_text()), str(unet_json)
-    else:
-        unet_config, source = SDXL_BASE_UNET, "SDXL base (built in; no <sdxl_dir>/unet/config.json here)"
-    weights, trainable = init_args.get("ip_adapter_weights"), init_args.get("ip_adapter_trainable")
-    rows = stage2_parameter_report(
-        unet_config, branches["image"], branches["text"], embed_dim, num_experts,
-        ip_tokens=init_args.get("ip_tokens", 4),
-        lora_rank=init_args.get("lora_rank", 16), lora_alpha=init_args.get("lora_alpha", 16),
-        lora_targets=init_args.get("lora_targets"),
-        ip_adapter_loaded=bool(weights), ip_adapter_trainable=trainable,
-        prompt_mode=init_args.get("prompt_mode", "reference"), pooled_text=init_args.get("pooled_text", "zeros"),
-        trainable=init_args.get("trainable"))
-    return rows, source
+    """Parameter rows of the ``RoutedDiffusionModule`` of a config's ``init_args``, built on ``meta``
+    (``experiments.parameters.stage2``), and where its SDXL configs came from."""
+    return stage2_report(init_args, embed_dim, num_experts)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.params", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", required=True)
+    parser.add_argument("--config", action="append")
+    parser.add_argument("--paper-table", action="store_true",
+                        help="every paper-scale configuration's parameters and trained share (the README's table)")
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--embed-dim", type=int, default=1280, help="stage 2: width of the stage-1 experts")
     parser.add_argument("--experts", default="2,4,8,16", help="stage 2: experts per level of the stage-1 tree")
     args = parser.parse_args(argv)
+    if args.paper_table:
+        from experiments.parameters.paper import paper_table
+
+        print(paper_table())
+        return 0
+    if not args.config:
+        parser.error("give --config (repeatable) or --paper-table")
     config = load_config(args.config)
     model_spec = config["model"]
     if str(model_spec.get("class_path", "")).endswith("RoutedDiffusionModule"):
@@ -82,12 +71,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows, indent=1))
         else:
             print(format_report(rows))
-            print(f"UNet config: {source}; stage-1 experts: {args.embed_dim}-d, {args.experts} per level.")
-            print("The frozen stage-1 encoders (and priors) come from their checkpoints and are not counted.")
+            print(f"SDXL configs: {source}; stage-1 experts: {args.embed_dim}-d, {args.experts} per level.")
+            print("The frozen stage-1 encoders (and priors) are not counted: a rank with the conditioning cache "
+                  "holds none (their own report: the stage-1 configs).")
         return 0
-    model_spec["init_args"]["num_voxels"] = voxel_counts(config["data"]["init_args"])
-    with torch.device("meta"):
-        model = build(model_spec)  # init_from is only read when a fit starts
+    from experiments.parameters.paper import build_stage1_on_meta
+
+    model = build_stage1_on_meta(config)
     rows = parameter_table(model, args.depth)
     counts = model.parameter_counts()
     if args.json:

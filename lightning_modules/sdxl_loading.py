@@ -113,8 +113,9 @@ def sdxl_skeleton(directory: str | Path, option: str = "model.sdxl_dir", dtype: 
         for part in WEIGHT_STEMS:
             weights_variant(root, part, option)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet")).to(DTYPES[dtype])
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
+    torch.nn.Module.to(unet, DTYPES[dtype])  # a plain cast of the architecture (diffusers' to() warns about it)
     unet.requires_grad_(False).train()  # it trains through its LoRA; only the frozen parts stay in eval mode
     vae.requires_grad_(False).eval()
     te1, te2 = _json(root / "text_encoder" / "config.json"), _json(root / "text_encoder_2" / "config.json")

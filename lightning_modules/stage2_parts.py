@@ -1,5 +1,5 @@
 """What stage 2 trains and what its checkpoints store: ONE definition, used by ``RoutedDiffusionModule`` (freezing,
-stored parts), the meta-device parameter report (``stage2_parameters``, ``experiments.params``, ``parameters.json``).
+stored parts) and the parameter report (``experiments.parameters.stage2``: the module itself on ``meta``; ``parameters.json``).
 
 Parts, by module reference: ``lora`` (LoRA A/B of every peft LoRA layer of the UNet), ``routers`` (temporal and
 spatial routers of every branch), ``projections`` (the brain prompt, and the image token projection when it is

@@ -1,4 +1,5 @@
-"""Stage-2 parameter report at paper scale (meta device) and the stage-2 benchmark's smoke run."""
+"""Stage-2 parameter report at paper scale (the real module on the meta device) and the stage-2 benchmark's smoke
+run."""
 
 from __future__ import annotations
 
@@ -6,15 +7,16 @@ import json
 
 import pytest
 
-from experiments.parameters.stage2 import SDXL_BASE_UNET, stage2_parameter_report
-from lightning_modules.components.routed_branch import BranchSpec
+from experiments.parameters.stage2 import stage2_report
 
 QKVO = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 @pytest.fixture(scope="module")
 def paper_rows() -> dict[str, dict]:
-    rows = stage2_parameter_report(SDXL_BASE_UNET, BranchSpec(), BranchSpec())
+    spec = {"temporal": "soft", "spatial": True, "grid": 4}  # BranchSpec's defaults otherwise
+    rows, source = stage2_report({"image_branch": spec, "text_branch": spec})
+    assert source == "SDXL base (built in)"
     return {r["key"]: r for r in rows}
 
 
@@ -40,9 +42,10 @@ def test_paper_scale_counts(paper_rows):
 
 
 def test_lora_on_attention_only_and_frozen_ip_adapter():
-    rows = {r["key"]: r for r in stage2_parameter_report(SDXL_BASE_UNET, BranchSpec(temporal="fixed", spatial=False),
-                                                         None, lora_targets=QKVO, ip_trainable=False,
-                                                         prompt_mode="projected")}
+    rows, _ = stage2_report({"image_branch": {"temporal": "fixed", "spatial": False}, "text_branch": None,
+                             "lora_targets": QKVO, "ip_adapter_weights": "/absent/ip-adapter_sdxl.bin",
+                             "prompt_mode": "projected"})
+    rows = {r["key"]: r for r in rows}
     assert rows["lora"]["trainable"] == 23_224_320  # feasibility.md section 2 (b)
     assert rows["unet_base"]["params"] == 2_567_463_684
     assert rows["ip_kv"]["trainable"] == rows["image_projection"]["trainable"] == 0
@@ -57,7 +60,7 @@ def test_params_command_on_the_paper_config_and_an_ablation(capsys):
     assert main(base) == 0
     out = capsys.readouterr().out
     assert "UNet (frozen)" in out and "2,567,463,684" in out and "41,861,120" in out
-    assert "image router" in out and "text router" in out and "not counted" in out
+    assert "image router" in out and "text router" in out and "not counted" in out and "VAE (frozen)" in out
     assert main(base + ["--config", "configs/stage2/ablations/text_only.yaml", "--json"]) == 0
     rows = {r["key"]: r for r in json.loads(capsys.readouterr().out)}
     assert "image_router" not in rows and "image_projection" not in rows
