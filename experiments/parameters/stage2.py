@@ -32,6 +32,17 @@ SDXL_BASE_UNET: dict = dict(
     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, upcast_attention=False)
 SDXL_BASE_UNET_PARAMS = 2_567_463_684
+# the same snapshot's vae/config.json (architecture keys) and scheduler/scheduler_config.json: what a random-weight
+# SDXL-sized stack needs besides the UNet (experiments.benchmarks.gpu_check)
+SDXL_BASE_VAE: dict = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+SDXL_BASE_SCHEDULER: dict = dict(
+    _class_name="EulerDiscreteScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+    beta_schedule="scaled_linear", prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False,
+    timestep_spacing="leading", steps_offset=1, clip_sample=False, sample_max_value=1.0, set_alpha_to_one=False,
+    skip_prk_steps=True, trained_betas=None)
 
 
 def _row(key: str, name: str, params: int, trainable: int, depth: int = 1) -> dict:
