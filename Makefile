@@ -49,7 +49,7 @@ SLURM := $(BIN)/python -m experiments.slurm --profile $(PROFILE) --name=$(call s
 	--stage1-args=$(call shq,$(STAGE1_ARGS)) --stage2-args=$(call shq,$(STAGE2_ARGS)) \
 	$(if $(filter-out 0 no false,$(DRY_RUN)),--dry-run)
 
-.PHONY: help install test test-fast demo bench lint tensorboard data clean world
+.PHONY: help install test test-fast demo bench gpu-check lint tensorboard data clean world
 .PHONY: slurm-stage1 slurm-stage2 slurm-pipeline slurm-bottleneck slurm-cross-subject
 
 help: ## List the targets (Slurm variables: see the top of the Makefile)
@@ -82,6 +82,9 @@ world: install ## Train the learned miniature world (CLIP, VAE, SDXL-shaped UNet
 
 bench: install ## Benchmarks; JSON results in bench_results/
 	$(BIN)/python -m experiments.bench --only data stage1 stage2 callbacks slurm --out bench_results --work data/bench
+
+gpu-check: install ## Paper scale on one GPU (<= 8 min): stage-1 fit/forward, SDXL-sized stage-2 steps, generation -> bench_results/gpu_check.json
+	$(BIN)/python -m experiments.gpu_check --out bench_results/gpu_check.json
 
 lint: install ## ruff
 	$(BIN)/ruff check .

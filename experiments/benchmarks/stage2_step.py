@@ -52,9 +52,53 @@ def _stand_in():
 
     class RoutedCore(nn.Module):
         route, unet_eps, time_ids, time_embedding = M.route, M.unet_eps, M.time_ids, M.time_embedding
-        diffusion_loss, kl_terms = M.diffusion_loss, M.kl_terms
+        diffusion_loss, kl_terms, unconditional = M.diffusion_loss, M.kl_terms, M.unconditional
 
     return RoutedCore
+
+
+def build_routed(unet: nn.Module, scheduler_config: dict, prompts: dict[str, torch.Tensor], vae_factor: int,
+                 embed_dim: int, num_experts: list[int], image_branch: BranchSpec, text_branch: BranchSpec,
+                 lora_rank: int, lora_alpha: int, ip_tokens: int, ip_adapter_loaded: bool = False,
+                 lora_targets: tuple[str, ...] = LORA_TARGETS, seed: int = 0) -> nn.Module:
+    """``RoutedDiffusionModule``'s trained stack on a frozen ``unet``, in the module's order: our processors
+    (``install_processors``), the peft LoRA, one ``RoutedBranch`` per branch, ``ImageTokenProjection`` and
+    ``BrainPrompt``, made trainable by ``stage2_parts`` exactly as the module does (``ip_adapter_loaded``: the IP
+    key / value weights and projection stay frozen, as with the paper's IP-Adapter file). Returns the light
+    stand-in holding them with the module's conditioning methods (``route``, ``unet_eps``, ``diffusion_loss``,
+    ``kl_terms``, ``unconditional``). ``prompts``: ``sos_embeds`` (S, C), ``sos_pooled`` (P,) and the fixed prompt
+    buffers ``{negative,empty}_prompt_embeds`` (S, C) / ``{negative,empty}_pooled`` (P,)."""
+    from lightning_modules import stage2_parts
+    from lightning_modules.sdxl_loading import training_scheduler
+
+    scheduler = training_scheduler(scheduler_config)
+    cross_dim = unet.config.cross_attention_dim
+    time_dim, channels = unet.time_proj.num_channels, unet.config.in_channels
+    torch.manual_seed(seed)
+    processors = install_processors(unet)
+    torch.manual_seed(seed + 1)
+    add_lora(unet, lora_rank, lora_alpha, lora_targets, "gaussian")
+    ours = _stand_in()()
+    ours.unet, ours.grid, ours.vae_factor = unet, stage2_parts.regional_grid(image_branch, text_branch), vae_factor
+    ours.noise_scheduler, ours.num_train_timesteps = scheduler, scheduler.config.num_train_timesteps
+    ours.scheduler_config = dict(scheduler_config)
+    ours.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone(), persistent=False)
+    ours.hparams = SimpleNamespace(ip_scale=1.0, snr_gamma=1.5, kl_weight=0.1, kl_sigma=1.0, kl_t_lo=0.0,
+                                   kl_t_hi=None, kl_direction="coarse_first")
+    torch.manual_seed(seed + 2)
+    ours.image_router = RoutedBranch(image_branch, embed_dim, num_experts, time_dim, channels)
+    ours.text_router = RoutedBranch(text_branch, embed_dim, num_experts, time_dim, channels)
+    ours.image_projection = ImageTokenProjection(embed_dim, cross_dim, ip_tokens)
+    ours.image_encoder = SimpleNamespace(embed_dim=embed_dim)  # what ``unconditional`` reads of the encoder
+    sos = prompts["sos_embeds"]
+    ours.brain_prompt = BrainPrompt(embed_dim, cross_dim, prompts["sos_pooled"].shape[-1], sos[0], sos.shape[0])
+    for name in ("negative_prompt_embeds", "negative_pooled", "empty_prompt_embeds", "empty_pooled"):
+        ours.register_buffer(name, prompts[name], persistent=False)
+    parts = stage2_parts.stage2_parts(unet, (ours.image_router, ours.text_router), ours.image_projection,
+                                      ours.brain_prompt, processors, ip_adapter_loaded)
+    trained, stored = stage2_parts.trained_and_stored(True, ip_adapter_loaded, None, None)
+    stage2_parts.apply_trainable(parts, trained, stored)
+    return ours
 
 
 def build_models(directory: Path, embed_dim: int, num_experts: list[int], lora_rank: int, ip_tokens: int,
@@ -76,34 +120,18 @@ def build_models(directory: Path, embed_dim: int, num_experts: list[int], lora_r
         add_lora(unet, lora_rank, lora_rank, LORA_TARGETS, "gaussian")
 
     cross_dim = parts.unet.config.cross_attention_dim
-    time_dim, channels = parts.unet.time_proj.num_channels, parts.unet.config.in_channels
     spec = BranchSpec(temporal="soft", spatial=True, grid=grid, regional=True, source="clip", pool="mean",
                       query_dim=32, spatial_dim=32)
 
     def prompt():
         return BrainPrompt(embed_dim, cross_dim, pooled.shape[-1], sos_embeds[0], sos_embeds.shape[0])
 
-    # ours: the module's order (processors, then LoRA); the IP key / value weights are made trainable after
-    # add_adapter, which otherwise freezes them (peft keeps only lora_ parameters trainable inside the UNet)
-    torch.manual_seed(0)
-    unet = load_sdxl(directory).unet.requires_grad_(False)
-    processors = install_processors(unet)
-    torch.manual_seed(1)
-    lora(unet)
-    processors.requires_grad_(True)
-    ours = _stand_in()()
-    ours.unet, ours.grid, ours.vae_factor = unet, grid, vae_factor
-    ours.noise_scheduler, ours.num_train_timesteps = scheduler, scheduler.config.num_train_timesteps
-    ours.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone(), persistent=False)
-    ours.hparams = SimpleNamespace(ip_scale=1.0, snr_gamma=1.5, kl_weight=0.1, kl_sigma=1.0, kl_t_lo=0.0,
-                                   kl_t_hi=None, kl_direction="coarse_first")
-    torch.manual_seed(2)
-    ours.image_router = RoutedBranch(spec, embed_dim, num_experts, time_dim, channels)
-    ours.text_router = RoutedBranch(spec, embed_dim, num_experts, time_dim, channels)
-    ours.image_projection = ImageTokenProjection(embed_dim, cross_dim, ip_tokens)
-    ours.brain_prompt = prompt()
-    ours.register_buffer("empty_prompt_embeds", empty_embeds, persistent=False)
-    ours.register_buffer("empty_pooled", empty_pooled, persistent=False)
+    # ours: the module's order (processors, then LoRA); the IP key / value weights trainable after add_adapter,
+    # which otherwise freezes them (peft keeps only lora_ parameters trainable inside the UNet)
+    prompts = {"sos_embeds": sos_embeds, "sos_pooled": pooled, "empty_prompt_embeds": empty_embeds,
+               "empty_pooled": empty_pooled, "negative_prompt_embeds": empty_embeds, "negative_pooled": empty_pooled}
+    ours = build_routed(load_sdxl(directory).unet.requires_grad_(False), parts.scheduler_config, prompts,
+                        vae_factor, embed_dim, num_experts, spec, spec, lora_rank, lora_rank, ip_tokens)
 
     # baseline: the same UNet weights and LoRA, stock IP-Adapter processors and projection
     base_unet = load_sdxl(directory).unet.requires_grad_(False)
@@ -130,6 +158,23 @@ def build_models(directory: Path, embed_dim: int, num_experts: list[int], lora_r
     return ours, baseline, {"scheduler": scheduler, "vae_factor": vae_factor}
 
 
+def routed_step(ours: nn.Module, optimizer: torch.optim.Optimizer, latents: torch.Tensor,
+                experts: dict[str, list[torch.Tensor]], generator: torch.Generator) -> float:
+    """One training step of ``build_routed``'s stand-in on latents (B, 4, h, w) and expert embeddings
+    {branch: [(B, E_l, D)]}: noise and timesteps drawn from ``generator`` (on the latents' device), the min-SNR
+    epsilon loss plus the level KL terms, backward, ``optimizer.step``; returns the loss (a host sync)."""
+    batch, device = latents.shape[0], latents.device
+    noise = torch.randn(latents.shape, generator=generator, device=device)
+    t = torch.randint(0, ours.num_train_timesteps, (batch,), generator=generator, device=device)
+    loss, routing, _ = ours.diffusion_loss(latents, experts, t, noise)
+    kl = ours.kl_terms(routing, t)
+    total = loss + ours.hparams.kl_weight * sum(kl.values())
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return float(total.detach())
+
+
 def make_steps(ours: nn.Module, baseline: nn.Module, scheduler, batch: int, latent: int, embed_dim: int,
                num_experts: list[int], vae_factor: int, seed: int = 0
                ) -> tuple[Callable[[], float], Callable[[], float]]:
@@ -146,14 +191,7 @@ def make_steps(ours: nn.Module, baseline: nn.Module, scheduler, batch: int, late
         return torch.randn(latents.shape, generator=g), torch.randint(0, 1000, (batch,), generator=g)
 
     def ours_step() -> float:
-        noise, t = draw()
-        loss, routing, _ = ours.diffusion_loss(latents, experts, t, noise)
-        kl = ours.kl_terms(routing, t)
-        total = loss + ours.hparams.kl_weight * sum(kl.values())
-        opt_ours.zero_grad(set_to_none=True)
-        total.backward()
-        opt_ours.step()
-        return float(total.detach())
+        return routed_step(ours, opt_ours, latents, experts, g)
 
     def baseline_step() -> float:
         noise, t = draw()

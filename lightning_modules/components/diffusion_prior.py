@@ -82,7 +82,9 @@ class DiffusionPrior(nn.Module):
         if noise is not None:
             x = noise.to(condition.device, condition.dtype).expand_as(condition)
         else:
-            x = torch.randn(condition.shape, generator=generator, device="cpu", dtype=condition.dtype)
+            # on the generator's device (a CPU generator: the same noise on every device), else the condition's
+            draw_on = generator.device if generator is not None else condition.device
+            x = torch.randn(condition.shape, generator=generator, device=draw_on, dtype=condition.dtype)
             x = x.to(condition.device)
         null = self.null_condition.to(condition.dtype).expand_as(condition)
         for t in scheduler.timesteps:

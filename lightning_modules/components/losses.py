@@ -64,12 +64,15 @@ def mixco_nce(preds: torch.Tensor, targets: torch.Tensor, temperature: float, be
 def mixco_inputs(voxels: torch.Tensor, generator: torch.Generator | None = None, beta: float = 0.15,
                  mix_fraction: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mix a random half of the samples with a random partner: (N, V) -> mixed (N, V), betas (N,), perm (N,).
-    Unmixed samples get beta 1 (their label is themselves)."""
+    Unmixed samples get beta 1 (their label is themselves). The permutation and the selection are drawn on the
+    ``generator``'s device (without one: the voxels' device), the betas on the voxels' device."""
     n = voxels.shape[0]
     device = voxels.device
-    perm = torch.randperm(n, generator=generator, device="cpu").to(device)
-    betas = torch.distributions.Beta(beta, beta).sample((n,)).to(device, voxels.dtype)
-    select = (torch.rand(n, generator=generator, device="cpu") <= mix_fraction).to(device)
+    draw_on = generator.device if generator is not None else device
+    perm = torch.randperm(n, generator=generator, device=draw_on).to(device)
+    concentration = torch.full((), beta, device=device)
+    betas = torch.distributions.Beta(concentration, concentration, validate_args=False).sample((n,)).to(voxels.dtype)
+    select = (torch.rand(n, generator=generator, device=draw_on) <= mix_fraction).to(device)
     betas = torch.where(select, betas, torch.ones_like(betas))
     mixed = voxels * betas[:, None] + voxels[perm] * (1 - betas[:, None])
     return mixed, betas, perm

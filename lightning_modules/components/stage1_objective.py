@@ -76,7 +76,7 @@ class Stage1Objective:
                 rows = torch.cat(out.backbone, 1).detach()
             parts.append(rows)
             weight = self.prior_expert_weight if kind == "experts" else 1.0
-            weights.append(torch.full((rows.shape[1],), weight / rows.shape[1]))
+            weights.append(torch.full((rows.shape[1],), weight / rows.shape[1], device=rows.device))
         return torch.cat(parts, 1), torch.cat(weights)
 
     def losses(self, out: MoEOutput, target: torch.Tensor, mix: tuple | None, progress: float,
@@ -98,7 +98,7 @@ class Stage1Objective:
             pred = pred.reshape(len(target), n_inputs, -1)
             with torch.autocast(device_type=pred.device.type, enabled=False):
                 per_row = (pred.float() - target[:, None].float()).pow(2).mean((0, 2))  # (n_inputs,)
-                losses["prior"] = (per_row * row_weights.to(per_row.device)).sum()
+                losses["prior"] = (per_row * row_weights).sum()
             prior_out = pred[:, 0]
             losses["prior_cos"] = cosine_loss(prior_out, target)
             total = total + self.prior_scale * losses["prior"] + self.cos_scale * losses["prior_cos"]

@@ -103,13 +103,13 @@ class ClipTextEmbedder(nn.Module):
         hidden = self.model(input_ids=ids, output_hidden_states=True).hidden_states[self.hidden_layer]
         is_eos = ids == self.tokenizer.eos_token_id
         eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(ids[:, 0], ids.shape[1] - 1))
-        return hidden[torch.arange(len(texts)), eos].float()
+        return hidden[torch.arange(len(texts), device=hidden.device), eos].float()
 
     def forward(self, captions: list[list[str]]) -> torch.Tensor:
         chosen = [(c or [""])[: self.max_captions] for c in captions]
         flat = [t for c in chosen for t in c]
         emb = self.embed_texts(flat)
-        counts = torch.tensor([len(c) for c in chosen])
-        owner = torch.repeat_interleave(torch.arange(len(chosen)), counts).to(emb.device)
+        counts = torch.tensor([len(c) for c in chosen], device=emb.device)
+        owner = torch.repeat_interleave(torch.arange(len(chosen), device=emb.device), counts, output_size=len(flat))
         out = torch.zeros(len(chosen), emb.shape[1], device=emb.device).index_add_(0, owner, emb)
-        return out / counts.to(emb.device)[:, None]
+        return out / counts[:, None]
