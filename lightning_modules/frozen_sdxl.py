@@ -17,6 +17,7 @@ from pathlib import Path
 from lightning_modules import sdxl_loading, stage2_parts
 from lightning_modules.components.injection import load_ip_adapter_weights
 from lightning_modules.components.target_embedders import MissingWeightsError
+from lightning_modules.sdxl_loading import DTYPES
 
 
 def check_frozen_files(ip_adapter_weights: str | None) -> None:
@@ -30,20 +31,26 @@ def load_frozen_parts(module, fitting: bool) -> None:
     """Fill ``module`` (a ``RoutedDiffusionModule`` built from its skeleton) with its frozen weights (see the
     module docstring); ``fitting``: load ``init_from`` as well."""
     h = module.hparams
-    parts = sdxl_loading.load_frozen_sdxl(h.sdxl_dir, "model.sdxl_dir", h.frozen_dtype)
+    # in two phases, so a process never holds the fp32 text encoders and the UNet at once: prompts first
+    text = sdxl_loading.load_sdxl(h.sdxl_dir, "model.sdxl_dir", h.frozen_dtype, include=("text",))
+    for name, value in sdxl_loading.fixed_prompts(text, h.negative_prompt).items():
+        setattr(module, name, value)
+    if module.brain_prompt is not None:
+        module.brain_prompt.set_sos(sdxl_loading.sos_embedding(text, h.sos_prompt))
+    del text
+    parts = sdxl_loading.load_frozen_sdxl(h.sdxl_dir, "model.sdxl_dir", h.frozen_dtype, include=("unet", "vae"))
     unet = parts.unet
     unet.set_attn_processor(dict(module.unet.attn_processors))
     sdxl_loading.add_lora(unet, h.lora_rank, h.lora_alpha, h.lora_targets, h.lora_init)
     if h.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     module.unet, module.vae = unet, parts.vae
-    for name, value in sdxl_loading.fixed_prompts(parts, h.negative_prompt).items():
-        setattr(module, name, value)
-    if module.brain_prompt is not None:
-        module.brain_prompt.set_sos(sdxl_loading.sos_embedding(parts, h.sos_prompt))
     if h.ip_adapter_weights and module.image_projection is not None:
         load_ip_adapter_weights(h.ip_adapter_weights, module.image_projection, module.ip_processors)
-    del parts  # the text encoders were needed for the prompts only
     stage2_parts.apply_trainable(module.parts(), module.trainable, module.stored_parts)
+    # frozen, loaded IP-Adapter weights are held in the frozen dtype like the UNet they extend (half of 1.4 GB fp32)
+    for name in set(module.parts()) - set(module.stored_parts):
+        for part in module.parts()[name]:
+            part.to(DTYPES[h.frozen_dtype])
     if fitting and h.init_from:
         module.load_from_stage2(h.init_from)

@@ -65,24 +65,31 @@ def check_sdxl_dir(directory: str | Path | None, option: str = "model.sdxl_dir")
     return root
 
 
-def load_sdxl(directory: str | Path, option: str = "model.sdxl_dir", dtype: str = "float32") -> SDXLParts:
-    """All SDXL parts from ``directory``; the UNet and VAE weights are loaded in ``dtype``."""
+def load_sdxl(directory: str | Path, option: str = "model.sdxl_dir", dtype: str = "float32",
+              include: Sequence[str] = ("unet", "vae", "text")) -> SDXLParts:
+    """SDXL's parts from ``directory``: of ``include``, ``unet`` and ``vae`` (the UNet in ``dtype``) and ``text``
+    (both text encoders and tokenizers); the others are None (loaded in phases, a process never holds all)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     root = check_sdxl_dir(directory, option)
     kw = {"local_files_only": True}
     variant = {part: weights_variant(root, part, option) for part in WEIGHT_STEMS}
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=DTYPES[dtype],
-                                                variant=variant["unet"], **kw)
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, variant=variant["vae"],
-                                        **kw)  # float32 always: SDXL's VAE overflows in fp16
+    unet = vae = None
+    if "unet" in include:
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=DTYPES[dtype],
+                                                    variant=variant["unet"], **kw)
+    if "vae" in include:  # float32 always: SDXL's VAE overflows in fp16
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, variant=variant["vae"],
+                                            **kw)
+    text = {"text_encoder": None, "text_encoder_2": None, "tokenizer": None, "tokenizer_2": None}
+    if "text" in include:
+        text.update({part: cls.from_pretrained(root / part, dtype=torch.float32, variant=variant[part], **kw)
+                     for part, cls in (("text_encoder", CLIPTextModel),
+                                       ("text_encoder_2", CLIPTextModelWithProjection))})
+        text.update({name: AutoTokenizer.from_pretrained(root / name, **kw) for name in ("tokenizer", "tokenizer_2")})
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    text = {part: cls.from_pretrained(root / part, dtype=torch.float32, variant=variant[part], **kw)
-            for part, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection))}
-    return SDXLParts(unet=unet, vae=vae, scheduler_config=scheduler_config, **text,
-                     tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer", **kw),
-                     tokenizer_2=AutoTokenizer.from_pretrained(root / "tokenizer_2", **kw))
+    return SDXLParts(unet=unet, vae=vae, scheduler_config=scheduler_config, **text)
 
 
 @dataclass
@@ -144,13 +151,16 @@ def encode_prompt(parts: SDXLParts, prompt: str) -> tuple[torch.Tensor, torch.Te
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
 
-def load_frozen_sdxl(directory: str | Path, option: str = "model.sdxl_dir", dtype: str = "float32") -> SDXLParts:
+def load_frozen_sdxl(directory: str | Path, option: str = "model.sdxl_dir", dtype: str = "float32",
+                     include: Sequence[str] = ("unet", "vae", "text")) -> SDXLParts:
     """``load_sdxl`` with the UNet and VAE frozen (``requires_grad_(False)``); the UNet in train mode (diffusers
     loads it in eval mode; it trains through its LoRA), the VAE in eval mode."""
-    parts = load_sdxl(directory, option, dtype)
-    parts.unet.requires_grad_(False)
-    parts.vae.requires_grad_(False)
-    parts.unet.train()  # diffusers loads it in eval mode; it trains (LoRA): only the frozen parts stay eval
+    parts = load_sdxl(directory, option, dtype, include)
+    for model in (parts.unet, parts.vae):
+        if model is not None:
+            model.requires_grad_(False)
+    if parts.unet is not None:
+        parts.unet.train()  # diffusers loads it in eval mode; it trains (LoRA): only the frozen parts stay eval
     return parts
 
 
