@@ -81,7 +81,7 @@ world: install ## Train the learned miniature world (CLIP, VAE, SDXL-shaped UNet
 	$(BIN)/python -m experiments.make_world --out data/world
 
 bench: install ## Benchmarks; JSON results in bench_results/
-	$(BIN)/python -m experiments.bench --only data stage1 stage2 callbacks slurm --out bench_results --work data/bench
+	$(BIN)/python -m experiments.bench --only data stage1 stage2 conditions callbacks slurm --out bench_results --work data/bench
 
 gpu-check: install ## Paper scale on one GPU (<= 8 min): stage-1 fit/forward, SDXL-sized stage-2 steps, generation -> bench_results/gpu_check.json
 	$(BIN)/python -m experiments.gpu_check --out bench_results/gpu_check.json

@@ -1,12 +1,15 @@
 """Run the benchmarks and write their JSON results (``make bench``).
 
-    python -m experiments.bench [--only data stage1 stage2 callbacks slurm] [--out bench_results] [--work data/bench]
+    python -m experiments.bench [--only data stage1 stage2 conditions callbacks slurm] [--out bench_results] [--work data/bench]
 
 data:   train loader vs a bare webdataset decode loop over the same shards; peak memory vs sessions.
 stage1: paper-scale encoder (V 15724, H 4096, 2-4-8-16, B 24, fp32, 2 threads) train step and eval forward vs
         the same GEMMs plus fused AdamW (the floor).
 stage2: one training step on the tiny SDXL-shaped UNet (B 8, 64 px, precomputed experts, 2 threads), routed and
         regional conditioning vs stock IP-Adapter + the same LoRA; prior passes per reconstructed image.
+conditions: stage-2 step with the paper's conditioning (both branches through the prior): live stage-1 encoders vs
+        the conditioning cache vs the bare UNet + LoRA step on the same tokens; host memory of a rank, measured on
+        the tiny configs and extrapolated to paper scale by parameter bytes (with the cache, and before it).
 callbacks: the monitoring callbacks' share of fit time on the tiny stage-1 and stage-2 configs (hooks timed in
         a run with them; wall time of the same fit without them).
 slurm:  (only when asked: it installs and starts a local Slurm, as root) wall time of the tiny stage-1 array round
@@ -27,8 +30,8 @@ from experiments.benchmarks import data_loader, stage1_encoder, stage2_step
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=("data", "stage1", "stage2", "callbacks", "slurm"),
-                        default=["data", "stage1", "stage2", "callbacks"],
+    parser.add_argument("--only", nargs="+", choices=("data", "stage1", "stage2", "conditions", "callbacks", "slurm"),
+                        default=["data", "stage1", "stage2", "conditions", "callbacks"],
                         help="slurm is not a default: it starts Slurm daemons (make bench includes it)")
     parser.add_argument("--out", default="bench_results", help="directory for the JSON results")
     parser.add_argument("--work", default="data/bench", help="where the benchmark data is generated (kept)")
@@ -41,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         results["stage1_encoder"] = {**stage1_encoder.run(), "provenance": provenance()}
     if "stage2" in args.only:
         results["stage2_step"] = {**stage2_step.run(), "provenance": provenance()}
+    if "conditions" in args.only:
+        from experiments.benchmarks import condition_step, stage2_memory
+
+        results["condition_step"] = {**condition_step.run(Path(args.work) / "conditions"), "provenance": provenance()}
+        results["stage2_memory"] = {**stage2_memory.run(Path(args.work) / "conditions"), "provenance": provenance()}
     if "callbacks" in args.only:
         from experiments.benchmarks import callback_overhead
 

@@ -4,10 +4,11 @@ so the real module builds on the ``meta`` device for its parameter report; ``con
 once per process, where the model is built, before the checkpoint is restored and the optimiser made) loads what
 the files hold (``load_frozen_parts``).
 
-Loading: the UNet and VAE weights (``load_frozen_sdxl``), the module's attention processors moved onto the loaded
-UNet (the same modules, so their names and any loaded IP key / value weights are kept), a fresh LoRA on it, the
-fixed prompts and the text branch's SOS token from the text encoders (freed afterwards), the IP-Adapter file, what
-is trained (``stage2_parts.apply_trainable``) and, for a fit, the ``init_from`` transfer.
+Loading, in phases so that a rank never holds two large parts at once: the IP-Adapter file (into the processors
+built at ``__init__``, frozen ones already in ``frozen_dtype``); the text encoders, for the fixed prompts and the
+text branch's SOS token, then freed; the UNet and VAE (``load_frozen_sdxl``), the module's attention processors
+moved onto the loaded UNet (the same modules, so their names and loaded weights are kept) and a fresh LoRA on it;
+then what is trained (``stage2_parts.apply_trainable``) and, for a fit, the ``init_from`` transfer.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def load_frozen_parts(module, fitting: bool) -> None:
     """Fill ``module`` (a ``RoutedDiffusionModule`` built from its skeleton) with its frozen weights (see the
     module docstring); ``fitting``: load ``init_from`` as well."""
     h = module.hparams
-    # in two phases, so a process never holds the fp32 text encoders and the UNet at once: prompts first
+    if h.ip_adapter_weights and module.image_projection is not None:  # first, so the file is freed before the UNet
+        load_ip_adapter_weights(h.ip_adapter_weights, module.image_projection, module.ip_processors)
+    # then in two phases, so a process never holds the fp32 text encoders and the UNet at once: prompts first
     text = sdxl_loading.load_sdxl(h.sdxl_dir, "model.sdxl_dir", h.frozen_dtype, include=("text",))
     for name, value in sdxl_loading.fixed_prompts(text, h.negative_prompt).items():
         setattr(module, name, value)
@@ -45,12 +48,7 @@ def load_frozen_parts(module, fitting: bool) -> None:
     if h.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     module.unet, module.vae = unet, parts.vae
-    if h.ip_adapter_weights and module.image_projection is not None:
-        load_ip_adapter_weights(h.ip_adapter_weights, module.image_projection, module.ip_processors)
-    stage2_parts.apply_trainable(module.parts(), module.trainable, module.stored_parts)
-    # frozen, loaded IP-Adapter weights are held in the frozen dtype like the UNet they extend (half of 1.4 GB fp32)
-    for name in set(module.parts()) - set(module.stored_parts):
-        for part in module.parts()[name]:
-            part.to(DTYPES[h.frozen_dtype])
+    # frozen, loaded IP-Adapter weights stay in the frozen dtype like the UNet they extend (half of 1.4 GB in fp32)
+    stage2_parts.apply_trainable(module.parts(), module.trainable, module.stored_parts, DTYPES[h.frozen_dtype])
     if fitting and h.init_from:
         module.load_from_stage2(h.init_from)

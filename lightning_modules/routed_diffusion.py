@@ -30,7 +30,7 @@ from lightning_modules.condition_tables import ConditionTable, build_condition_t
 from lightning_modules.routed_conditioning import RoutedConditioning
 from lightning_modules.routed_sampling import SamplerName
 from lightning_modules.run_records import attached_datamodule, datamodule_record, write_run_record
-from lightning_modules.sdxl_loading import LORA_TARGETS  # noqa: F401 - importable from here
+from lightning_modules.sdxl_loading import DTYPES, LORA_TARGETS  # noqa: F401 - LORA_TARGETS: importable here
 from lightning_modules.stage2_parts import PARTS, Stage2Part  # noqa: F401 - PARTS: importable from here as before
 
 REFERENCE_NEGATIVE = ("low quality, blurry, deformed, bad anatomy, disfigured, poorly drawn, mutated, extra limbs")
@@ -147,7 +147,7 @@ class RoutedDiffusionModule(RoutedConditioning, L.LightningModule):
         # after add_adapter (peft leaves only the UNet's LoRA trainable) the parts (stage2_parts) decide the rest
         self.trainable, self.stored_parts = stage2_parts.trained_and_stored(
             image_branch is not None, bool(ip_adapter_weights), ip_adapter_trainable, trainable)
-        stage2_parts.apply_trainable(self.parts(), self.trainable, self.stored_parts)
+        stage2_parts.apply_trainable(self.parts(), self.trainable, self.stored_parts, DTYPES[frozen_dtype])
         if not any(p.requires_grad for p in self.parameters()):
             raise ValueError(f"model.trainable {self.trainable} selects no parameters for these branches")
         if gradient_checkpointing:

@@ -58,8 +58,10 @@ def trained_and_stored(has_image_branch: bool, ip_adapter_loaded: bool, ip_adapt
     return trained, stored
 
 
-def apply_trainable(parts: dict[str, list[nn.Module]], trained: Sequence[str], stored: Sequence[str]) -> None:
-    """Stored parts in float32; every part's parameters trainable exactly when the part is trained."""
+def apply_trainable(parts: dict[str, list[nn.Module]], trained: Sequence[str], stored: Sequence[str],
+                    frozen_dtype: torch.dtype | None = None) -> None:
+    """Stored parts in float32; every part's parameters trainable exactly when the part is trained; the parts that
+    are neither (loaded, frozen IP-Adapter weights) in ``frozen_dtype`` when given, like the UNet they extend."""
     for name in stored:
         for module in parts[name]:
             for p in module.parameters():
@@ -67,6 +69,8 @@ def apply_trainable(parts: dict[str, list[nn.Module]], trained: Sequence[str], s
     for name, modules in parts.items():
         for module in modules:
             module.requires_grad_(name in trained)
+            if frozen_dtype is not None and name not in stored:
+                module.to(frozen_dtype)
 
 
 def stored_names(module: nn.Module, parts: dict[str, list[nn.Module]], stored: Sequence[str]) -> set[str]:

@@ -3,6 +3,7 @@ that loads IP-Adapter weights (projection and IP key / value frozen as loaded), 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 
 import torch
@@ -95,3 +96,23 @@ def test_training_lowers_the_diffusion_loss_on_a_fixed_batch_against_a_frozen_co
     control_losses = _step(control, steps=9)
     assert abs(control_losses[-1] - control_losses[0]) < 1e-6 * control_losses[0], control_losses
     assert control_losses[0] == losses[0]  # the same module and batch: only the training differs
+
+
+def test_a_bfloat16_rank_holds_loaded_ip_adapter_weights_in_bfloat16_and_trains(tiny_models, stage1_checkpoints,
+                                                                                  tmp_path):
+    """``frozen_dtype: bfloat16`` (the paper config): the frozen UNet and the loaded, frozen IP-Adapter weights are
+    held in bfloat16 (half the host memory), the trained parts in float32, and a step changes exactly the LoRA and
+    the routers."""
+    weights = _ip_adapter_file(tiny_models, stage1_checkpoints, tmp_path / "ip-adapter.bin")
+    model = build(tiny_models, stage1_checkpoints, ip_adapter_weights=str(weights), frozen_dtype="bfloat16")
+    loaded = torch.load(weights, weights_only=True)
+    assert model.unet.dtype == torch.bfloat16
+    held = [*model.image_projection.parameters(), *(p for m in model.ip_processors for p in m.parameters())]
+    assert held and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in held)
+    assert torch.equal(model.image_projection.proj.weight, loaded["image_proj"]["proj.weight"].bfloat16())
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    losses = _step(model)
+    assert all(map(math.isfinite, losses))
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all("lora_" in k or "_router." in k for k in changed), changed

@@ -1,0 +1,137 @@
+"""Stage-2 training step with the paper's conditioning: live stage-1 encoders vs the conditioning cache vs the bare
+UNet + LoRA step with the same tokens (CPU, tiny SDXL-shaped models, 2 threads).
+
+Both branches on, each through the stage-1 prior (``source: prior``, 10 DDIM steps, guidance 1.5: the paper's
+settings, ``configs/stage2/sdxl_nsd.yaml``), soft temporal + spatial routers, regional IP attention; B 8 at 64 px.
+One step = expert embeddings + routing + UNet + min-SNR loss + KL + backward + AdamW:
+
+- live: the frozen stage-1 encoders and priors run on the batch's voxels (what every step did before the cache);
+- cached: the same embeddings read from ``experiments.cache_conditions``'s cache (identical numbers);
+- bare: the UNet + LoRA alone on the tokens the cached step routed (fixed prompt, pooled and IP tokens, no routers,
+  no KL), the floor the conditioning is measured against.
+
+Latents are encoded once (all three would share the VAE or a latent cache). Timed in one process, interleaved,
+medians over the repeats. Target: cached step <= 1.10x the bare step.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from experiments.benchmarks.stage2_step import time_interleaved
+
+PAPER_CONDITIONING = ["--model.init_args.image_branch.source=prior", "--model.init_args.text_branch.source=prior",
+                      "--model.init_args.prior_steps=10", "--model.init_args.prior_guidance=1.5"]
+
+
+def prepare(work: Path) -> tuple[list[str], Path]:
+    """Data, tiny models, a tiny stage-1 run whose prior learns the expert embeddings, and the stage-2 CLI args of
+    the benchmark's run; returns (args, conditioning cache root)."""
+    from datamodules.synthetic import generate
+    from experiments.benchmarks.callback_overhead import DATA
+    from experiments.cache_conditions import main as cache_main
+    from experiments.caching.targets import cache_targets
+    from experiments.run import cli_main
+    from experiments.world.tiny_models import make_tiny_clip, make_tiny_sdxl
+
+    data, models, runs = work / "data", work / "tiny_models", work / "runs"
+    if not (data / "subj01" / "meta.json").exists():
+        generate(DATA, data)
+    if not (models / "unet" / "config.json").exists():
+        make_tiny_sdxl(make_tiny_clip(models))
+    if not (data / "targets" / "clip_text" / "meta.json").exists():
+        cache_targets(data, [1], data / "targets", text_model=str(models))
+    common = [f"--data.init_args.data_dir={data}", "--data.init_args.subjects=[subj01]",
+              "--data.init_args.val_images=20", f"--data.init_args.val_cache_dir={work / 'val_cache'}",
+              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+              f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.default_root_dir={runs}"]
+    ckpt = runs / "stage1_tiny" / "prior" / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        cli_main(["fit", "--config", "configs/base/trainer.yaml", "--config", "configs/stage1/tiny_synthetic.yaml",
+                  *common, "--model.init_args.prior_inputs=[mean, experts]", "--trainer.max_epochs=2",
+                  "--trainer.logger.init_args.version=prior"])
+    args = ["--config", "configs/base/stage2_trainer.yaml", "--config", "configs/stage2/tiny_synthetic.yaml",
+            *common, f"--model.init_args.sdxl_dir={models}", f"--model.init_args.image_encoder={ckpt}",
+            f"--model.init_args.text_encoder={ckpt}", "--data.init_args.batch_size=8", *PAPER_CONDITIONING]
+    cache = work / "conditions"
+    config_args = [a for a in args if not a.startswith("--trainer.")]
+    if cache_main(config_args + ["--out", str(cache), "--no-progress"]) != 0:
+        raise RuntimeError("the conditioning cache could not be written")
+    return args, cache
+
+
+def build(args: list[str], cache: Path | None):
+    """The stage-2 module of ``args`` (with ``cache``: reading it), configured, and its data module, set up."""
+    from experiments.run import cli_main
+
+    extra = [f"--model.init_args.condition_cache={{image: {cache / 'image'}, text: {cache / 'text'}}}"] if cache \
+        else []
+    cli = cli_main(args + extra, run=False)
+    cli.model.configure_model()
+    cli.datamodule.prepare_data()
+    cli.datamodule.setup("fit")
+    return cli.model, cli.datamodule
+
+
+def _trainable(module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def run(work: str | Path = "data/bench/conditions", repeats: int = 15, warmup: int = 2,
+        threads: int = 2) -> dict[str, Any]:
+    work = Path(work)
+    args, cache = prepare(work)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        live, dm = build(args, None)
+        cached, _ = build(args, cache)
+        sub = next(iter(dm.train_dataloader()))[0]["subj01"]
+        latents = cached.encode_latents(sub, sample=False)
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, cached.num_train_timesteps, (len(latents),), generator=generator)
+        optimizers = {name: torch.optim.AdamW(_trainable(m), lr=1e-5) for name, m in (("live", live),
+                                                                                      ("cached", cached))}
+
+        def routed_step(module, name: str) -> float:
+            optimizers[name].zero_grad(set_to_none=True)
+            experts = module.expert_embeddings(sub, "subj01")
+            loss, routing, _ = module.diffusion_loss(latents, experts, t, noise)
+            loss = loss + module.hparams.kl_weight * sum(module.kl_terms(routing, t).values())
+            loss.backward()
+            optimizers[name].step()
+            return float(loss.detach())
+
+        noisy = cached.noise_scheduler.add_noise(latents, noise, t)
+        with torch.no_grad():
+            prompt, pooled, injection, _ = cached.route(noisy, t, cached.expert_embeddings(sub, "subj01"))
+        lora = [p for m in cached.parts()["lora"] for p in m.parameters()]
+        bare_optimizer = torch.optim.AdamW(lora, lr=1e-5)
+
+        def bare_step() -> float:
+            bare_optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.mse_loss(cached.unet_eps(noisy, t, prompt, pooled, injection), noise)
+            loss.backward()
+            bare_optimizer.step()
+            return float(loss.detach())
+
+        lookup = time_interleaved({"lookup": lambda: cached.expert_embeddings(sub, "subj01")}, repeats, warmup)
+        times = time_interleaved({"live": lambda: routed_step(live, "live"),
+                                  "cached": lambda: routed_step(cached, "cached"), "bare": bare_step},
+                                 repeats, warmup)
+    finally:
+        torch.set_num_threads(previous)
+    ms = {name: round(statistics.median(v) * 1e3, 2) for name, v in times.items()}
+    return {"benchmark": "stage2_step_live_vs_cached_conditioning_vs_bare",
+            "config": {"models": "tiny_models.make_tiny_sdxl", "batch": len(latents), "pixels": 64,
+                       "branches": ["image", "text"], "source": "prior", "prior_steps": 10,
+                       "prior_guidance": 1.5, "threads": threads, "repeats": repeats},
+            "step_ms": ms, "cache_lookup_ms": round(statistics.median(lookup["lookup"]) * 1e3, 3),
+            "live_vs_bare": round(ms["live"] / ms["bare"], 3),
+            "cached_vs_bare": round(ms["cached"] / ms["bare"], 3),
+            "live_vs_cached": round(ms["live"] / ms["cached"], 3), "target_cached_vs_bare": 1.10}
