@@ -15,7 +15,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, PriorTransformer
 from torch import nn
 
 
@@ -30,9 +29,13 @@ class DiffusionPrior(nn.Module):
                  timesteps: int = 100, cond_drop_prob: float = 0.2, sample_steps: int = 30,
                  guidance_scale: float = 1.5, dropout: float = 0.0,
                  timestep_spacing: Literal["trailing", "leading"] = "trailing"):
+        # imported here, not at the top: a command that never builds a prior (``--help``) saves 1 s of start-up
+        from diffusers import DDIMScheduler, DDPMScheduler, PriorTransformer
+
         super().__init__()
         self.embed_dim, self.cond_drop_prob = embed_dim, cond_drop_prob
         self.sample_steps, self.guidance_scale = sample_steps, guidance_scale
+
         self.transformer = PriorTransformer(
             num_attention_heads=num_heads, attention_head_dim=head_dim, num_layers=num_layers,
             embedding_dim=embed_dim, num_embeddings=0, additional_embeddings=4, dropout=dropout,
@@ -77,7 +80,7 @@ class DiffusionPrior(nn.Module):
                          noise: torch.Tensor | None = None) -> torch.Tensor:
         """Like ``sample`` but inside autograd (gradients reach ``condition``)."""
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        scheduler = DDIMScheduler.from_config(self.sample_scheduler.config)
+        scheduler = type(self.sample_scheduler).from_config(self.sample_scheduler.config)
         scheduler.set_timesteps(steps or self.sample_steps, device=condition.device)
         if noise is not None:
             x = noise.to(condition.device, condition.dtype).expand_as(condition)
