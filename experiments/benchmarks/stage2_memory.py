@@ -147,11 +147,19 @@ def run(work: str | Path = "data/bench/conditions") -> dict[str, Any]:
                 - cached["optimizer_bytes"]))}
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """The probe's door (``run``'s subprocesses): prints the probe's JSON on its last line."""
     import argparse
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--probe", required=True)
+    parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.stage2_memory")
+    parser.add_argument("--probe", required=True, help="the stage-2 CLI arguments, as a JSON list")
     parser.add_argument("--cache", default=None)
-    a = parser.parse_args()
-    print(json.dumps(probe(json.loads(a.probe), a.cache)))
+    args = parser.parse_args(argv)
+    print(json.dumps(probe(json.loads(args.probe), args.cache)))
+    return 0
+
+
+if __name__ == "__main__":
+    from experiments._cli import run_main
+
+    sys.exit(run_main(main))
