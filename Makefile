@@ -11,6 +11,7 @@ ME2 ?= data/synthetic_mindeye2
 LOGS ?= runs
 PORT ?= 6006
 PYTEST_ARGS ?=
+WORKERS ?= 2#                test processes of make test (pytest-xdist; a test file runs whole in one of them)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
@@ -64,10 +65,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv with the pinned dependencies (re-runs only when pyproject.toml changes)
 
 test: install ## The complete suite (slow, DDP and service-backed tests included): what CI runs
-	$(BIN)/python -m pytest -q --timeout 900 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --timeout 900 -n $(WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install ## The quick loop: everything but the slow tests
-	$(BIN)/python -m pytest -q -m "not slow" --timeout 300 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" --timeout 300 -n $(WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 $(DATA)/synthetic_nsd.json: | $(STAMP)
 	$(BIN)/python -m experiments.make_synthetic_nsd --out $(DATA) --mindeye2-layout $(ME2)
