@@ -80,3 +80,18 @@ def test_stage2_benchmark_smoke(tiny_models):
     assert passes["reference"]["passes_per_branch"] == 50 * 30 * 2
     assert passes["ours"]["batched_calls_per_branch"] == 10  # configs/stage2/sdxl_nsd.yaml prior_steps
     assert passes["ours"]["rows_per_branch"] == 30 * 10 * 2
+
+
+def test_paper_host_memory_estimate_counts_the_loading_phases(monkeypatch):
+    """The memory benchmark's paper-scale estimate (``make bench``) runs on the meta-built modules: with the
+    cache a rank's peak is its UNet + VAE phase, far below the old all-at-once load with two stage-1 checkpoints."""
+    from pathlib import Path
+
+    from experiments.benchmarks.stage2_memory import paper_estimate
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    est = paper_estimate(overhead=10**9)
+    assert est["params"]["unet"] == 2_567_463_684 and est["params"]["trained"] == 43_042_304
+    now, before = est["now_with_cache"], est["before"]
+    assert now["peak_gb"] == max(now["phases_gb"].values()) == now["phases_gb"]["UNet + VAE"]
+    assert 1 + 2 * 2.567 < now["peak_gb"] < before["peak_gb"] / 2  # at least the bf16 UNet, under half of before

@@ -69,24 +69,31 @@ def _fit(args: list[str], measured: bool) -> tuple[float, dict[str, float]]:
     return timer.fit_seconds, timer.seconds
 
 
-def run(work: str | Path = "data/bench/callbacks", epochs: dict[str, int] | None = None) -> dict[str, Any]:
-    """Each tiny config keeps its own validation schedule (stage 1: every 5 epochs; stage 2: every epoch)."""
-    epochs = {"stage1": 10, "stage2": 3, **(epochs or {})}
+def tiny_inputs(work: Path) -> tuple[Path, Path, list[str]]:
+    """The tiny benchmarks' inputs under ``work`` (made once, then reused): the synthetic dataset with its text
+    target cache and the tiny models; returns (data, models, the CLI arguments every run there shares)."""
     from experiments.caching.targets import cache_targets
     from experiments.world.tiny_models import make_tiny_clip, make_tiny_sdxl
 
-    work = Path(work)
-    data, models = work / "data", work / "tiny_models"
+    data, models, runs = work / "data", work / "tiny_models", work / "runs"
     if not (data / "subj01" / "meta.json").exists():
         generate(DATA, data)
     if not (models / "unet" / "config.json").exists():
         make_tiny_sdxl(make_tiny_clip(models))
     if not (data / "targets" / "clip_text" / "meta.json").exists():
         cache_targets(data, [1], data / "targets", text_model=str(models))
-    common = [f"--data.init_args.data_dir={data}", "--data.init_args.subjects=[subj01]",
-              "--data.init_args.val_images=20", f"--data.init_args.val_cache_dir={work / 'val_cache'}",
-              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-              f"--trainer.logger.init_args.save_dir={work / 'runs'}", f"--trainer.default_root_dir={work / 'runs'}"]
+    return data, models, [
+        f"--data.init_args.data_dir={data}", "--data.init_args.subjects=[subj01]", "--data.init_args.val_images=20",
+        f"--data.init_args.val_cache_dir={work / 'val_cache'}", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={runs}",
+        f"--trainer.default_root_dir={runs}"]
+
+
+def run(work: str | Path = "data/bench/callbacks", epochs: dict[str, int] | None = None) -> dict[str, Any]:
+    """Each tiny config keeps its own validation schedule (stage 1: every 5 epochs; stage 2: every epoch)."""
+    epochs = {"stage1": 10, "stage2": 3, **(epochs or {})}
+    work = Path(work)
+    data, models, common = tiny_inputs(work)
     stage1 = ["--config", "configs/base/trainer.yaml", "--config", "configs/stage1/tiny_synthetic.yaml", *common,
               f"--trainer.max_epochs={epochs['stage1']}"]
     result: dict[str, Any] = {"epochs": epochs, "data": "synthetic, 1 subject, 270 trials, 20 validation images"}

@@ -31,24 +31,12 @@ PAPER_CONDITIONING = ["--model.init_args.image_branch.source=prior", "--model.in
 def prepare(work: Path) -> tuple[list[str], Path]:
     """Data, tiny models, a tiny stage-1 run whose prior learns the expert embeddings, and the stage-2 CLI args of
     the benchmark's run; returns (args, conditioning cache root)."""
-    from datamodules.synthetic import generate
-    from experiments.benchmarks.callback_overhead import DATA
+    from experiments.benchmarks.callback_overhead import tiny_inputs
     from experiments.cache_conditions import main as cache_main
-    from experiments.caching.targets import cache_targets
     from experiments.run import cli_main
-    from experiments.world.tiny_models import make_tiny_clip, make_tiny_sdxl
 
-    data, models, runs = work / "data", work / "tiny_models", work / "runs"
-    if not (data / "subj01" / "meta.json").exists():
-        generate(DATA, data)
-    if not (models / "unet" / "config.json").exists():
-        make_tiny_sdxl(make_tiny_clip(models))
-    if not (data / "targets" / "clip_text" / "meta.json").exists():
-        cache_targets(data, [1], data / "targets", text_model=str(models))
-    common = [f"--data.init_args.data_dir={data}", "--data.init_args.subjects=[subj01]",
-              "--data.init_args.val_images=20", f"--data.init_args.val_cache_dir={work / 'val_cache'}",
-              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-              f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.default_root_dir={runs}"]
+    data, models, common = tiny_inputs(work)
+    runs = work / "runs"
     ckpt = runs / "stage1_tiny" / "prior" / "checkpoints" / "last.ckpt"
     if not ckpt.exists():
         cli_main(["fit", "--config", "configs/base/trainer.yaml", "--config", "configs/stage1/tiny_synthetic.yaml",
