@@ -22,8 +22,9 @@ from lightning_modules.sdxl_loading import DTYPES
 
 
 def check_frozen_files(ip_adapter_weights: str | None) -> None:
-    """The files ``load_frozen_parts`` will read beyond the SDXL directory (checked by ``sdxl_skeleton``) exist."""
-    if ip_adapter_weights and not Path(ip_adapter_weights).is_file():
+    """The files ``load_frozen_parts`` will read beyond the SDXL directory (checked by ``sdxl_skeleton``) exist
+    (nothing is read when building on ``meta``)."""
+    if ip_adapter_weights and not sdxl_loading.building_on_meta() and not Path(ip_adapter_weights).is_file():
         raise MissingWeightsError(f"model.ip_adapter_weights: no IP-Adapter file at {ip_adapter_weights} (e.g. "
                                   "h94/IP-Adapter sdxl_models/ip-adapter_sdxl.bin, downloaded beforehand)")
 

@@ -134,8 +134,7 @@ class RoutedDiffusionModule(RoutedConditioning, L.LightningModule):
         self.image_projection = None
         if image_branch is not None:
             self.image_projection = ImageTokenProjection(self.image_encoder.embed_dim, cross_dim, ip_tokens)
-        if torch.empty(0).device.type != "meta":
-            frozen_sdxl.check_frozen_files(ip_adapter_weights)
+        frozen_sdxl.check_frozen_files(ip_adapter_weights)
         for name, value in sdxl_loading.fixed_prompts(parts, negative_prompt).items():
             self.register_buffer(name, value, persistent=False)
         self.text_encoder, self.text_router = stage2_parts.build_branch(

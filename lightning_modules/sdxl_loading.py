@@ -109,6 +109,12 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def building_on_meta() -> bool:
+    """Whether modules are being built on the ``meta`` device (a ``torch.device("meta")`` context): no files are
+    read then, only shapes."""
+    return torch.empty(0).device.type == "meta"
+
+
 def sdxl_skeleton(directory: str | Path, option: str = "model.sdxl_dir", dtype: str = "float32") -> SDXLSkeleton:
     """The architecture of ``directory``'s UNet (in ``dtype``) and VAE on the ``meta`` device, from the config
     files alone; built off ``meta``, every weight file the later ``load_sdxl`` needs must exist (one line naming
@@ -116,7 +122,7 @@ def sdxl_skeleton(directory: str | Path, option: str = "model.sdxl_dir", dtype: 
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     root = check_sdxl_dir(directory, option)
-    if torch.empty(0).device.type != "meta":
+    if not building_on_meta():
         for part in WEIGHT_STEMS:
             weights_variant(root, part, option)
     with torch.device("meta"):

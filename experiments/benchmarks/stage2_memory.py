@@ -51,10 +51,9 @@ def probe(args: list[str], cache: str | None) -> dict[str, Any]:
     module, dm = build(args, Path(cache) if cache else None)
     sub = next(iter(dm.train_dataloader()))[0]["subj01"]
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad])
-    loss, _, _ = module.diffusion_loss(module.encode_latents(sub, sample=False),
-                                       module.expert_embeddings(sub, "subj01"),
-                                       torch.randint(0, 1000, (len(sub["nsd_id"]),)),
-                                       torch.randn_like(module.encode_latents(sub, sample=False)))
+    latents = module.encode_latents(sub, sample=False)
+    loss, _, _ = module.diffusion_loss(latents, module.expert_embeddings(sub, "subj01"),
+                                       torch.randint(0, 1000, (len(latents),)), torch.randn_like(latents))
     loss.backward()
     optimizer.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
