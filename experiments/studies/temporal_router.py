@@ -1,0 +1,162 @@
+"""The temporal router against its prior: is MoRE-Brain's coarse-to-fine schedule learned or imposed?
+
+The same stage-2 fit (same seed, data and budget) with the KL guidance off (``kl_weight`` 0) and at the default
+weight, plus the untrained router both start from. For each run and branch: the router's learned level softmax at
+every training timestep (``interpretability.temporal_routing.temporal_arrays``, nothing multiplied in), its
+expected level E[l](t) and the Spearman correlation of E[l] with t (the KL target's ``coarse_first`` direction
+puts noisy steps on coarse levels: negative), and KL(router || target) averaged over timesteps; and each fitted
+run's test reconstructions through the evaluation suite (PixCorr, SSIM, two-way and N-way identification with
+the world's CLIP). If the KL-off run drifts toward the target too, the schedule is learned; if it stays where
+the untrained router was, the target imposes it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from datamodules.common import provenance
+from experiments.studies.runs import REPO, cli_args, run_dir
+
+STAGE2_WORLD = [REPO / "configs/base/stage2_trainer.yaml", REPO / "configs/stage2/world_synthetic.yaml"]
+UNTRAINED = "untrained"
+
+
+def default_kl_weight() -> float:
+    """``RoutedDiffusionModule``'s own default ``kl_weight`` (one definition)."""
+    from lightning_modules.routed_diffusion import RoutedDiffusionModule
+
+    return float(inspect.signature(RoutedDiffusionModule.__init__).parameters["kl_weight"].default)
+
+
+@dataclass
+class TemporalStudy:
+    """out_dir: runs and results; configs: the stage-2 config stack; kl_weights: one fit each (default: 0 and the
+    module's default); overrides: CLI overrides for every run (data, world, stage-1 checkpoints, epochs);
+    bootstrap: resamples of the evaluation's intervals."""
+
+    out_dir: Path
+    configs: list[Path] = field(default_factory=lambda: list(STAGE2_WORLD))
+    kl_weights: tuple[float, ...] | None = None
+    overrides: list[str] = field(default_factory=list)
+    bootstrap: int = 200
+
+    def weights(self) -> tuple[float, ...]:
+        return tuple(self.kl_weights) if self.kl_weights else (0.0, default_kl_weight())
+
+
+def run_name(kl_weight: float) -> str:
+    return f"kl_{kl_weight:g}"
+
+
+def _args(study: TemporalStudy, name: str, kl_weight: float | None) -> list[str]:
+    return [*cli_args(study.configs, Path(study.out_dir), name), *study.overrides,
+            *([f"--model.init_args.kl_weight={kl_weight}"] if kl_weight is not None else [])]
+
+
+def fit_run(study: TemporalStudy, kl_weight: float) -> Path:
+    """Fit stage 2 at ``kl_weight`` into ``out/kl_<w>/run`` (skipped when its last checkpoint exists)."""
+    from experiments.run import cli_main
+
+    checkpoint = run_dir(Path(study.out_dir), run_name(kl_weight)) / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        cli_main(["fit", *_args(study, run_name(kl_weight), kl_weight)])
+    return checkpoint
+
+
+@torch.no_grad()
+def router_arrays(module) -> dict[str, np.ndarray]:
+    """The module's routers at every timestep (``temporal_arrays``) -> per branch ``probs`` (T, L), ``target``
+    (T, L), plus ``timesteps`` (T,)."""
+    from experiments.interpretability.temporal_routing import temporal_arrays
+
+    arrays = temporal_arrays(module)
+    missing = [b for b in module.branches if f"{b}_probs" not in arrays]
+    if missing:
+        from experiments.interpretability.loading import InterpretabilityInputError
+
+        raise InterpretabilityInputError(
+            f"--config: branch(es) {', '.join(missing)} have no learned temporal router (this study compares "
+            "temporal: soft or hard): change the config's *_branch.temporal")
+    return arrays
+
+
+def untrained_arrays(study: TemporalStudy) -> dict[str, np.ndarray]:
+    """The routers every fit starts from: the module built (seeded) by the CLI from the same stack, not trained."""
+    from experiments.run import cli_main
+
+    cli = cli_main(_args(study, UNTRAINED, None), run=False)
+    cli.model.configure_model()
+    return router_arrays(cli.model.eval())
+
+
+def fitted_arrays(study: TemporalStudy, checkpoint: Path, kl_weight: float) -> dict[str, np.ndarray]:
+    """The routers of a fitted run, rebuilt from the study's stack and loaded from ``checkpoint``."""
+    from experiments.interpretability.stage2_loading import load_stage2_run
+
+    overrides = [*study.overrides, f"--model.init_args.kl_weight={kl_weight}"]
+    return router_arrays(load_stage2_run(checkpoint, [str(c) for c in study.configs], overrides).model)
+
+
+def curve_summary(probs: np.ndarray, target: np.ndarray, timesteps: np.ndarray) -> dict[str, float]:
+    """(T, L) router softmax, (T, L) KL target, (T,) -> mean KL(router || target), Spearman rho of the expected
+    level with t (router and target), and the expected level at the least and the most noisy tenth of steps."""
+    from scipy.stats import spearmanr
+
+    from lightning_modules.components.level_prior import level_kl
+
+    levels = np.arange(probs.shape[1])
+    expected, expected_target = probs @ levels, target @ levels
+    tenth = max(1, len(timesteps) // 10)
+    return {"kl_to_target": float(level_kl(torch.from_numpy(probs), torch.from_numpy(target))),
+            "spearman_level_vs_t": float(np.nan_to_num(spearmanr(expected, timesteps).statistic)),
+            "target_spearman_level_vs_t": float(spearmanr(expected_target, timesteps).statistic),
+            "expected_level_clean": float(expected[:tenth].mean()),
+            "expected_level_noisy": float(expected[-tenth:].mean())}
+
+
+def reconstruction_metrics(study: TemporalStudy, checkpoint: Path, name: str) -> dict[str, Any]:
+    """Test reconstructions of a fitted run (``predict``) scored by the evaluation suite with the world's CLIP:
+    {"values": mean over subjects, "intervals": 95% bootstrap of the mean, "subjects": per subject}."""
+    from experiments._config import load_config
+    from experiments.studies.reconstruction_rows import evaluate_rows, predict_rows
+
+    config = load_config([str(c) for c in study.configs], study.overrides)
+    data_dir, subjects = config["data"]["init_args"]["data_dir"], config["data"]["init_args"]["subjects"]
+    clip = str(Path(config["model"]["init_args"]["sdxl_dir"]) / "image_encoder")
+    recon = predict_rows(_args(study, name, None), checkpoint, Path(study.out_dir), name, "test", {"brain": []})
+    results = evaluate_rows(Path(data_dir), recon, list(subjects), clip, study.bootstrap)["brain"]
+    mean = results[-1]
+    return {"values": mean.values, "intervals": {k: list(v) for k, v in mean.intervals.items()},
+            "num_images": mean.num_images, "subjects": {r.subject: r.values for r in results[:-1]}}
+
+
+def run_study(study: TemporalStudy, log=print) -> dict[str, Any]:
+    """Untrained routers, one fit per KL weight, their curves and reconstructions; writes the results (see
+    ``write_outputs``) and returns the record."""
+    runs: dict[str, dict[str, Any]] = {}
+    arrays = {UNTRAINED: untrained_arrays(study)}
+    for weight in study.weights():
+        name = run_name(weight)
+        log(f"temporal router study: fit {name}")
+        checkpoint = fit_run(study, weight)
+        arrays[name] = fitted_arrays(study, checkpoint, weight)
+        runs[name] = {"kl_weight": weight, "checkpoint": str(checkpoint),
+                      "reconstructions": reconstruction_metrics(study, checkpoint, name)}
+    runs = {UNTRAINED: {"kl_weight": None}, **runs}
+    branches = [k[: -len("_probs")] for k in arrays[UNTRAINED] if k.endswith("_probs")]
+    t = arrays[UNTRAINED]["timesteps"]
+    for name, a in arrays.items():
+        runs[name]["routers"] = {b: curve_summary(a[f"{b}_probs"], a[f"{b}_target"], t) for b in branches}
+    record = {"study": "temporal_router_vs_prior", "branches": branches, "runs": runs,
+              "configs": [str(c) for c in study.configs], "overrides": list(study.overrides),
+              "provenance": provenance()}
+    from experiments.studies.temporal_router_outputs import write_outputs
+
+    write_outputs(record, arrays, Path(study.out_dir))
+    return record
