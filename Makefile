@@ -81,6 +81,12 @@ demo: install ## The main job on the embedded default: synthetic data, both stag
 world: install ## Train the learned miniature world (CLIP, VAE, SDXL-shaped UNet, IP-Adapter) into data/world
 	$(BIN)/python -m experiments.make_world --out data/world
 
+.PHONY: studies
+studies: install ## The studies on the learned world (after make demo): the stage-2 ablation table -> $(LOGS)/ablation_study
+	$(BIN)/python -m experiments.ablation_study --data $(DATA) --out $(LOGS)/ablation_study \
+	--image-encoder $(LOGS)/stage1_world_image/demo/checkpoints/last.ckpt \
+	--text-encoder $(LOGS)/stage1_world_text/demo/checkpoints/last.ckpt
+
 bench: install ## Benchmarks; JSON results in bench_results/
 	$(BIN)/python -m experiments.bench --only data stage1 stage2 conditions callbacks slurm --out bench_results --work data/bench
 

@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 
 from datamodules.target_cache import write_target_cache
+from tests.helpers.world_stage1 import cache_world_targets, fit_world_stage1
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
-STAGE1 = [REPO / "configs/base/trainer.yaml", REPO / "configs/stage1/tiny_synthetic.yaml",
-          REPO / "configs/stage1/world.yaml"]
 STAGE2 = [REPO / "configs/base/stage2_trainer.yaml", REPO / "configs/stage2/world_synthetic.yaml"]
 MARGIN = 15.0  # percentage points of CLIP two-way identification above each control (the issue's target)
 SHUFFLED_MARGIN = 8.0  # what the short fits on the small dataset hold today (measured 14.0)
@@ -33,34 +32,13 @@ def _configs(paths: list[Path]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def world_targets(reduced_world, small_data, tmp_path_factory) -> Path:
-    from experiments.caching.targets import cache_targets
-
-    root = tmp_path_factory.mktemp("world_targets")
-    cache_targets(small_data, [1, 2, 3], root, image_model=str(reduced_world / "image_encoder"),
-                  text_model=str(reduced_world))
-    return root
+    return cache_world_targets(reduced_world, small_data, tmp_path_factory.mktemp("world_targets"))
 
 
 @pytest.fixture(scope="module")
 def world_stage1(small_data, world_targets, reduced_world, tmp_path_factory) -> dict[str, Path]:
     """Stage-1 encoders of subject 1 on the world's image and text targets (prior on every expert)."""
-    from experiments.run import cli_main
-
-    width = __import__("json").loads((reduced_world / "image_encoder" / "config.json").read_text())["projection_dim"]
-    out = {}
-    for target in ("clip_image", "clip_text"):
-        logs = tmp_path_factory.mktemp(f"world_{target}")
-        cli_main(["fit", *_configs(STAGE1), f"--data.init_args.data_dir={small_data}",
-                  f"--data.init_args.targets={{{target}: {world_targets / target}}}",
-                  "--data.init_args.subjects=[subj01]", "--data.init_args.val_images=8",
-                  f"--data.init_args.val_cache_dir={logs / 'val_cache'}", f"--model.init_args.target={target}",
-                  f"--model.init_args.moe.init_args.out_dim={width}",
-                  f"--model.init_args.prior.init_args.embed_dim={width}",
-                  f"--trainer.logger.init_args.save_dir={logs}", "--trainer.logger.init_args.version=run",
-                  "--trainer.enable_progress_bar=false", "--trainer.max_epochs=12",
-                  "--trainer.check_val_every_n_epoch=100"])
-        out[target] = next(logs.glob("*/run/checkpoints/last.ckpt"))
-    return out
+    return fit_world_stage1(reduced_world, small_data, world_targets, tmp_path_factory.mktemp("world_stage1"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,99 @@
+"""The stage-2 ablation study end to end on the reduced learned world (32 px, the small dataset, subject 1).
+
+A subset of the nine rows (the full model, one branch alone each way), short fits from one seed, then the study's
+files. Assertions are what the planted ground truth guarantees, not today's numbers: every conditioned row is
+identified (CLIP two-way) better than the full model fed shuffled brains; the rows were fitted from the same seed
+with their own ablation config; the directions are read from paired intervals and set beside the paper's table.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from experiments.studies import ablations as A
+from tests.helpers.world_stage1 import cache_world_targets, fit_world_stage1
+
+pytestmark = pytest.mark.slow
+ROWS = ("text_image_ts", "text_only", "image_only")
+
+
+@pytest.fixture(scope="module")
+def study(reduced_world, small_data, tmp_path_factory) -> A.AblationStudy:
+    root = tmp_path_factory.mktemp("ablation")
+    targets = cache_world_targets(reduced_world, small_data, root / "targets")
+    encoders = fit_world_stage1(reduced_world, small_data, targets, root / "stage1", epochs=12)
+    return A.AblationStudy(small_data, root / "study", encoders["clip_image"], encoders["clip_text"], reduced_world,
+                           rows=ROWS, epochs=2, bootstrap=200, subjects=["subj01"],
+                           extra=["--data.init_args.val_images=8", f"--data.init_args.val_cache_dir={root / 'val'}",
+                                  "--data.init_args.samples_per_epoch=160", "--data.init_args.eval_batch_size=10"])
+
+
+@pytest.fixture(scope="module")
+def record(study) -> dict:
+    return A.run_ablation_study(study, log=lambda *_: None)
+
+
+def test_the_study_fits_every_row_from_one_seed_with_its_ablation_config_and_writes_its_files(study, record):
+    out = Path(study.out_dir)
+    for row in ROWS:
+        config = yaml.safe_load((out / "runs" / row / "run" / "config.yaml").read_text())
+        assert config["seed_everything"] == study.seed
+        branches = config["model"]["init_args"]
+        assert (branches["image_branch"] is None) == (row == "text_only"), row
+        assert (branches["text_branch"] is None) == (row == "image_only"), row
+    assert set(record["rows"]) == {*ROWS, A.SHUFFLED}
+    assert {"git_commit", "package_versions", "command"} <= set(record["provenance"])
+    lines = list(csv.DictReader((out / "ablations.csv").open()))
+    assert len(lines) == (len(ROWS) + 1) * 2 * len(A.ROW_METRICS)  # rows + control, subject + mean, metrics
+    compared = [r for r in lines if r["subject"] == "mean" and r["paper_metric"]]
+    assert {(r["row"], r["metric"]) for r in compared} == {(row, o) for row in ROWS[1:] for o, _ in A.COMPARED}
+    assert all(float(r["ci_low"]) <= float(r["value"]) <= float(r["ci_high"]) for r in lines)
+    report = (out / "report.md").read_text()
+    assert "0.415 -> 0.410" in report and "Text only" in report  # the paper's SSIM, full -> Text only
+    for name in ("ablations.png", "ablations_grid.png", "ablations.json"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_every_conditioned_row_is_identified_better_than_the_shuffled_brains(record):
+    clip = {row: r["mean"]["values"]["clip"] for row, r in record["rows"].items()}
+    for row in ROWS:
+        assert clip[row] > clip[A.SHUFFLED], clip
+        assert record["comparison"][row]["over_shuffled_clip"]["diff"] == pytest.approx(clip[row] - clip[A.SHUFFLED])
+
+
+def test_finished_fits_and_predictions_are_read_back_not_redone(study, record):
+    for row in ROWS:
+        directory = Path(study.out_dir) / "runs" / row / "run"
+        last = directory / "checkpoints" / "last.ckpt"
+        before = last.resolve().stat().st_mtime_ns
+        assert A.fit_row(A.row_args(study, row), directory) == last
+        assert last.resolve().stat().st_mtime_ns == before
+        assert A.predicted(Path(record["reconstructions"][row]), study.subjects)
+
+
+def test_directions_come_from_paired_intervals_and_are_set_beside_the_papers():
+    assert A.paper_direction("text_only", "ssim") == "worse"  # 0.410 < 0.415
+    assert A.paper_direction("image_only", "ssim") == "better"  # 0.422 > 0.415
+    assert A.paper_direction("text_image_t_hard", "dreamsim") == "worse"  # a distance: higher is worse
+    assert A.our_direction({"diff": 0.02, "interval": [0.01, 0.03]}) == "better"
+    assert A.our_direction({"diff": 0.02, "interval": [-0.01, 0.05]}) == "tie"
+    assert A.our_direction({"diff": -0.02, "interval": [-0.03, -0.01]}) == "worse"
+    assert A.agreement("worse", "worse") == "agrees"
+    assert A.agreement("worse", "better") == "differs"
+    assert A.agreement("worse", "tie") == "unresolved"
+    assert set(A.PAPER_ABLATION) == set(A.ROWS) == {p.stem for p in A.ABLATIONS.glob("*.yaml")}
+
+
+def test_the_command_names_a_missing_stage1_checkpoint_in_one_line(small_data, reduced_world, tmp_path, capsys):
+    from datamodules.common import run_command
+    from experiments.ablation_study import main
+
+    status = run_command(main, ["--data", str(small_data), "--world", str(reduced_world), "--out", str(tmp_path),
+                                "--image-encoder", str(tmp_path / "missing.ckpt")])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "\n" not in err and "--image-encoder" in err, err
