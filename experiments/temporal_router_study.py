@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.studies.temporal_router import STAGE2_WORLD, TemporalStudy, run_study
+from experiments.studies.kl_guidance import STAGE2_WORLD, TemporalStudy, run_study
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     study = TemporalStudy(out_dir=Path(args.out), configs=configs, kl_weights=args.kl_weights,
                           overrides=overrides, bootstrap=args.bootstrap)
     record = run_study(study)
-    from experiments.studies.temporal_router_outputs import verdict
+    from experiments.studies.kl_guidance_outputs import verdict
 
     print(verdict(record))
     print(f"wrote {args.out}/temporal_router_study.json, .csv, .png, temporal_router_curves.csv, report.md")

@@ -156,7 +156,7 @@ def run_study(study: TemporalStudy, log=print) -> dict[str, Any]:
     record = {"study": "temporal_router_vs_prior", "branches": branches, "runs": runs,
               "configs": [str(c) for c in study.configs], "overrides": list(study.overrides),
               "provenance": provenance()}
-    from experiments.studies.temporal_router_outputs import write_outputs
+    from experiments.studies.kl_guidance_outputs import write_outputs
 
     write_outputs(record, arrays, Path(study.out_dir))
     return record
