@@ -9,7 +9,6 @@ with their own ablation config; the directions are read from paired intervals an
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import pytest

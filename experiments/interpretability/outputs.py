@@ -60,3 +60,17 @@ def write_nifti(path: Path, volume: np.ndarray, affine: np.ndarray) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(gzip.compress(image.to_bytes(), mtime=0))
     return Path(path)
+
+
+def write_figure(path: Path, fig, dpi: int = 110) -> Path:
+    """A matplotlib figure -> PNG at ``path`` (atomic); the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(buffer.getvalue())
+    return Path(path)

@@ -5,12 +5,11 @@ direction of every difference from the full model beside the paper's). Every fil
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 from datamodules.common import atomic_path, write_json_atomic
-from experiments.interpretability.outputs import write_csv
+from experiments.interpretability.outputs import write_csv, write_figure
 from experiments.studies.ablations import (
     COMPARED,
     FULL,
@@ -20,7 +19,7 @@ from experiments.studies.ablations import (
     PAPER_SOURCE,
     SHUFFLED,
 )
-from experiments.studies.reconstruction_rows import ROW_METRICS, rows_grid
+from experiments.studies.reconstruction_rows import rows_grid
 
 CSV_COLUMNS = ("row", "label", "subject", "metric", "value", "ci_low", "ci_high", "diff_vs_full", "diff_low",
                "diff_high", "paper_metric", "paper_value", "paper_direction", "our_direction", "agreement")
@@ -73,11 +72,7 @@ def plot(record: dict[str, Any], path: Path) -> Path:
     axes[0].invert_yaxis()
     axes[-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+    write_figure(path, fig)
     return Path(path)
 
 

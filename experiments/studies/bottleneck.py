@@ -7,7 +7,6 @@ any that have no ``test_metrics.json`` yet, and writes one row per run and subje
 
 from __future__ import annotations
 
-import io
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -15,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from datamodules.common import atomic_path, provenance, write_json_atomic
-from experiments.interpretability.outputs import write_csv
+from datamodules.common import provenance, write_json_atomic
+from experiments.interpretability.outputs import write_csv, write_figure
 from experiments.studies.runs import test_of_saved_run
 
 METRICS = ("fwd_top1", "bwd_top1", "cosine", "mse", "prior_fwd_top1", "prior_cosine")
@@ -88,11 +87,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+    write_figure(path, fig)
 
 
 def bottleneck_report(roots: list[Path], out: Path) -> dict[str, Any]:
