@@ -59,20 +59,23 @@ def branch_settings(model: dict[str, Any], branch: str) -> dict[str, Any]:
             "frozen_dtype": model.get("frozen_dtype", "float32")}
 
 
-def _training_trials(dm: NSDDataModule, subject: str, shard: int, num_shards: int) -> Iterator[dict[str, Any]]:
-    """This shard's training trials of ``subject`` (every n-th of the selected sessions, in shard order)."""
+def _training_trials(dm: NSDDataModule, subject: str, shard: int, num_shards: int,
+                     batch_size: int) -> Iterator[dict[str, Any]]:
+    """This shard's training trials of ``subject``: every n-th block of ``batch_size`` trials of the selected
+    sessions, so that each shard encodes exactly the batches an unsharded run encodes (bit-equal rows: a batch's
+    floating-point results may depend on its composition)."""
     sessions = set(dm.sessions(subject))
     shards = [dm.data_dir / subject / x["shard"] for x in dm.metas[subject]["sessions"] if x["session"] in sessions]
     urls = [{"url": str(p)} for p in shards]
     for g, raw in enumerate(wds.tarfile_to_samples(handler=raise_with_shard)(urls)):
-        if g % num_shards == shard:
+        if (g // batch_size) % num_shards == shard:
             yield decode_sample(raw, load_image=False)
 
 
-def _count_training_trials(dm: NSDDataModule, subject: str, shard: int, num_shards: int) -> int:
+def _count_training_trials(dm: NSDDataModule, subject: str, shard: int, num_shards: int, batch_size: int) -> int:
     sessions = set(dm.sessions(subject))
     total = sum(len(x["nsd_ids"]) for x in dm.metas[subject]["sessions"] if x["session"] in sessions)
-    return len(range(shard, total, num_shards))
+    return sum(min(batch_size, total - start) for start in range(shard * batch_size, total, num_shards * batch_size))
 
 
 def _eval_batch_sizes(dm: NSDDataModule, subject: str) -> list[int]:
@@ -177,7 +180,7 @@ def cache_branch(encoder: FrozenStage1, dm: NSDDataModule, out: Path, meta: dict
         name = f"part-{shard}-of-{num_shards}"
         final, tmp = out / subject / name, out / subject / f".{name}.tmp"
         eval_sizes = _eval_batch_sizes(dm, subject)[shard::num_shards]
-        counts = {"train": _count_training_trials(dm, subject, shard, num_shards), "eval": sum(eval_sizes)}
+        counts = {"train": _count_training_trials(dm, subject, shard, num_shards, batch_size), "eval": sum(eval_sizes)}
         subject_meta = part_meta(**meta, subject=subject, num_voxels=dm.num_voxels()[subject],
                                  part=(shard, num_shards), counts=counts, sessions=dm.sessions(subject))
         if final.is_dir() and _same(read_meta(final), subject_meta):
@@ -187,7 +190,7 @@ def cache_branch(encoder: FrozenStage1, dm: NSDDataModule, out: Path, meta: dict
         bar = tqdm(total=sum(counts.values()), initial=sum(writer.done.values()), disable=not progress,
                    desc=f"{meta['branch']} {subject} {name}", unit="row")
         skip, batch = writer.done["train"], []
-        for i, sample in enumerate(_training_trials(dm, subject, shard, num_shards)):
+        for i, sample in enumerate(_training_trials(dm, subject, shard, num_shards, batch_size)):
             if i >= skip:
                 batch.append(sample)
             if len(batch) == batch_size:
