@@ -11,8 +11,9 @@ validation and test loaders, at the run's ``eval_batch_size``).
 Atomic and resumable: a part is written into ``.part-k-of-n.tmp`` (values memory-mapped, so memory stays bounded
 by one batch) with its progress recorded after every batch, and renamed into place when complete; a finished part
 whose settings and encoder match is kept. Shardable: task ``k`` of ``n`` (``--shard`` / ``--num-shards``, by
-default from ``RANK`` / ``WORLD_SIZE`` or ``SLURM_PROCID`` / ``SLURM_NTASKS``) takes every n-th training trial and
-every n-th evaluation batch; the reader joins the parts.
+default from ``RANK`` / ``WORLD_SIZE`` or ``SLURM_PROCID`` / ``SLURM_NTASKS``) takes every n-th batch of training
+trials and every n-th evaluation batch (the unsharded run's batches, so the parts are bit-equal to it); the reader
+joins the parts.
 """
 
 from __future__ import annotations
