@@ -23,11 +23,11 @@ def _small_clip(directory):
     return directory / "clip32"
 
 
-def test_clip_top1_equals_numpy_argmax_of_the_correlation_matrix(small_data, tmp_path):
+def test_clip_top1_and_cosine_equal_numpy_on_the_same_features(small_data, tmp_path):
     recons = tmp_path / "recons"
     fake_reconstructions(small_data, recons, noise_every=3)
     clip = _small_clip(tmp_path)
-    result = Evaluator(EvaluationConfig(weights={"clip": str(clip)}, metrics=("clip", "clip_top1"),
+    result = Evaluator(EvaluationConfig(weights={"clip": str(clip)}, metrics=("clip", "clip_top1", "clip_cosine"),
                                         bootstrap=0)).subject(small_data, recons, 1)
     network = FeatureNetwork(NETWORKS["clip"], clip)
     ids, truth = load_test_images(small_data, 1)
@@ -43,5 +43,8 @@ def test_clip_top1_equals_numpy_argmax_of_the_correlation_matrix(small_data, tmp
     expected_two_way = 100 * np.mean([(r[:, j] < r[j, j]).sum() / (len(ids) - 1) for j in range(len(ids))])
     assert result.values["clip_top1"] == expected_top1
     assert abs(result.values["clip"] - expected_two_way) < 1e-9
+    cosine = np.sum(gt * rec, 1) / np.linalg.norm(gt, axis=1) / np.linalg.norm(rec, axis=1)
+    assert abs(result.values["clip_cosine"] - cosine.mean()) < 1e-9
+    assert np.mean(cosine > 1 - 1e-6) >= 0.6  # two thirds are the ground truth itself: cosine 1
     # two thirds are the ground truth itself (always first); the noise images almost never are
     assert 60.0 <= expected_top1 < 100.0

@@ -18,7 +18,7 @@ import torch
 
 from datamodules.shard_format import subject_name
 from experiments.evaluation import bootstrap as B
-from experiments.evaluation.correlation_distance import CorrelationDistance
+from experiments.evaluation.paired_scores import PAIRED_SCORES, PairedScore
 from experiments.evaluation.dreamsim_distance import (
     DreamSimDistance,
     dreamsim_distance,
@@ -50,7 +50,7 @@ class MetricInfo:
     percent: bool  # reported in % (two-way identification, retrieval), as the papers do
     higher_is_better: bool
     needs: str | None  # a weights key, "embeddings", or None
-    kind: str  # low_level, two_way, correlation_distance, retrieval, lpips, dreamsim
+    kind: str  # low_level, two_way, identification, correlation_distance, cosine, retrieval, lpips, dreamsim
     description: str
 
 
@@ -65,6 +65,8 @@ METRICS: tuple[MetricInfo, ...] = (
     MetricInfo("clip_top1", "CLIP top-1", True, True, "clip", "identification",
                "CLIP image embeds: the reconstruction correlates best with its own image among all N test images "
                "(N-way identification, chance 1/N)"),
+    MetricInfo("clip_cosine", "CLIP cos", False, True, "clip", "cosine",
+               "CLIP image embeds: cosine of each reconstruction with its own image (the bottleneck analyses' CLIP-Cos)"),
     MetricInfo("effnet", "Eff", False, False, "effnet", "correlation_distance",
                "EfficientNet-B1 avgpool, mean correlation distance"),
     MetricInfo("swav", "SwAV", False, False, "swav", "correlation_distance",
@@ -167,7 +169,8 @@ class Evaluator:
     @staticmethod
     def _with_identification(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """N-way identification reads the same CLIP features as two-way identification."""
-        return {**features, "clip_top1": features["clip"]} if "clip" in features else features
+        return {**features, "clip_top1": features["clip"], "clip_cosine": features["clip"]} \
+            if "clip" in features else features
 
     def _features(self, images256: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
@@ -183,9 +186,9 @@ class Evaluator:
         ids, gt_images = load_test_images(data_dir, name)
         paths, notes = find_reconstructions(recons_dir, name, ids, single_subject)
         gt, rec, n = ImageSet(images=gt_images), ImageSet(paths=paths), len(ids)
-        accumulators = {m: (CorrelationDistance() if METRIC_BY_KEY[m].kind == "correlation_distance"
+        accumulators = {m: (PairedScore(METRIC_BY_KEY[m].kind) if METRIC_BY_KEY[m].kind in PAIRED_SCORES
                             else TwoWayIdentification())
-                        for m in active if METRIC_BY_KEY[m].kind in ("two_way", "identification", "correlation_distance")}
+                        for m in active if METRIC_BY_KEY[m].kind in ("two_way", "identification", *PAIRED_SCORES)}
         per_pair: dict[str, list[torch.Tensor]] = {m: [] for m in active if METRIC_BY_KEY[m].kind in
                                                    ("low_level", "lpips", "dreamsim")}
         gt_dreamsim: list[torch.Tensor] = []
