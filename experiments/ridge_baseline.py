@@ -27,15 +27,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--predictions", default=None,
                         help="write the predicted test embeddings here, a target cache per subject (DIR/subjXX), "
                              "for stage 2's model.condition_tables")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="reduced-rank ridge: the linear decoder through a width-RANK bottleneck (default: full)")
     args = parser.parse_args(argv)
+    if args.rank is not None and args.rank < 1:
+        parser.error(f"--rank: must be at least 1, got {args.rank}")
     config = load_config(args.config, [f"--data.init_args.data_dir={args.data_dir}"] if args.data_dir else None)
     dm = build(config["data"])
     model_args = config["model"]["init_args"]
     target = model_args.get("target", "clip_image")
     results = ridge_baseline(dm, target, model_args.get("retrieval_candidates", 300),
-                             model_args.get("retrieval_draws", 30), predictions_dir=args.predictions)
+                             model_args.get("retrieval_draws", 30), predictions_dir=args.predictions,
+                             rank=args.rank)
     if args.out:
-        write_json_atomic(args.out, {"ridge": results, "target": target, "provenance": provenance()})
+        write_json_atomic(args.out, {"ridge": results, "target": target, "rank": args.rank,
+                                     "provenance": provenance()})
     ours = json.loads(Path(args.compare).read_text())["metrics"] if args.compare else {}
     print(f"test retrieval top-1 ({target}; chance = 1 / candidates)")
     print(f"{'subject':8} {'candidates':>10} {'chance':>7} {'MoE fwd':>8} {'MoE bwd':>8} {'ridge fwd':>9} "

@@ -1,7 +1,9 @@
 """Ridge-regression baseline: voxels -> target embedding per subject, the same retrieval metric as stage 1.
 
 Trained on every training trial of the selected sessions except the validation images; the ridge penalty is
-chosen on the validation images (never on the test set); test repeats are averaged.
+chosen on the validation images (never on the test set); test repeats are averaged. With ``rank`` b the map is
+reduced-rank ridge (the linear decoder through a width-b bottleneck, V -> b -> D): the ridge's coefficients
+projected onto the top-b principal directions of its fitted training targets, the best rank-b map for them.
 """
 
 from __future__ import annotations
@@ -50,12 +52,30 @@ def evaluation_arrays(loader, target: str, with_ids: bool = False) -> tuple[np.n
     return (*out, np.concatenate(ids)) if with_ids else out
 
 
+class RankedRidge:
+    """Ridge (V -> D) whose coefficients are truncated to ``rank`` (None: full rank): (N, V) -> (N, D)."""
+
+    def __init__(self, alpha: float, rank: int | None = None) -> None:
+        self.alpha, self.rank = alpha, rank
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> RankedRidge:
+        self.coef = Ridge(alpha=self.alpha).fit(x, y).coef_.T  # (V, D)
+        if self.rank is not None and self.rank < min(self.coef.shape):
+            directions = np.linalg.svd((x - x.mean(0)) @ self.coef, full_matrices=False)[2][: self.rank]  # (b, D)
+            self.coef = self.coef @ directions.T @ directions
+        self.intercept = y.mean(0) - x.mean(0) @ self.coef  # (D,)
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.coef + self.intercept
+
+
 def ridge_baseline(dm: NSDDataModule, target: str, candidates: int = 300, draws: int = 30,
-                   alphas: tuple[float, ...] = ALPHAS, predictions_dir: str | Path | None = None
-                   ) -> dict[str, dict[str, float]]:
-    """Per subject: the chosen alpha and test forward/backward top-1 of a ridge from voxels to ``target``. With
-    ``predictions_dir``, the predicted test embeddings are written as a target cache per subject
-    (``predictions_dir/subjXX``, keyed by nsd_id): stage 2's ``condition_tables`` read them."""
+                   alphas: tuple[float, ...] = ALPHAS, predictions_dir: str | Path | None = None,
+                   rank: int | None = None) -> dict[str, dict[str, float]]:
+    """Per subject: the chosen alpha and test forward/backward top-1 of a ridge from voxels to ``target`` (of
+    ``rank`` at most; None: full). With ``predictions_dir``, the predicted test embeddings are written as a target
+    cache per subject (``predictions_dir/subjXX``, keyed by nsd_id): stage 2's ``condition_tables`` read them."""
     dm.prepare_data()
     dm.setup("test")
     results = {}
@@ -66,15 +86,16 @@ def ridge_baseline(dm: NSDDataModule, target: str, candidates: int = 300, draws:
         if dm.val_images:
             xv, yv = evaluation_arrays(dm.val_dataloader()[index], target)
             for alpha in alphas:
-                pred = Ridge(alpha=alpha).fit(x, y - mean).predict(xv) + mean
+                pred = RankedRidge(alpha, rank).fit(x, y - mean).predict(xv) + mean
                 scores[alpha] = retrieval_top1(torch.tensor(pred), torch.tensor(yv), candidates, draws)[0]
         alpha = max(scores, key=scores.get) if scores else alphas[len(alphas) // 2]
         xt, yt, ids = evaluation_arrays(dm.test_dataloader()[index], target, with_ids=True)
-        pred = Ridge(alpha=alpha).fit(x, y - mean).predict(xt) + mean
+        pred = RankedRidge(alpha, rank).fit(x, y - mean).predict(xt) + mean
         if predictions_dir is not None:
             write_target_cache(Path(predictions_dir) / subject, ids, pred.astype(np.float32),
-                               model=f"ridge (alpha {alpha:g}) from {subject}'s voxels", layer=target,
+                               model=f"ridge (alpha {alpha:g}, rank {rank or 'full'}) from {subject}'s voxels",
+                               layer=target,
                                extra={"subjects": [subject], "data_dir": str(dm.data_dir), "target": target})
         fwd, bwd = retrieval_top1(torch.tensor(pred), torch.tensor(yt), candidates, draws)
-        results[subject] = {"alpha": alpha, "fwd_top1": fwd, "bwd_top1": bwd, "candidates": min(candidates, len(yt))}
+        results[subject] = {"alpha": alpha, "rank": rank, "fwd_top1": fwd, "bwd_top1": bwd, "candidates": min(candidates, len(yt))}
     return results
