@@ -18,7 +18,6 @@ import torch
 
 from datamodules.shard_format import subject_name
 from experiments.evaluation import bootstrap as B
-from experiments.evaluation.paired_scores import PAIRED_SCORES, PairedScore
 from experiments.evaluation.dreamsim_distance import (
     DreamSimDistance,
     dreamsim_distance,
@@ -35,6 +34,7 @@ from experiments.evaluation.inputs import (
 from experiments.evaluation.low_level import low_level_metrics
 from experiments.evaluation.lpips_distance import LPIPSDistance
 from experiments.evaluation.networks import NETWORKS, FeatureNetwork
+from experiments.evaluation.paired_scores import PAIRED_SCORES, PairedScore
 from experiments.evaluation.preprocessing import to_eval_size
 from experiments.evaluation.retrieval import retrieval_mindeye2
 from experiments.evaluation.two_way import TwoWayIdentification

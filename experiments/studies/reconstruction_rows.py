@@ -67,11 +67,11 @@ def predict_rows(stage2_args: list[str], checkpoint: Path, runs: Path, name: str
 
 
 def evaluate_rows(data_dir: Path, recon_dirs: dict[str, Path], subjects: list[str], clip_dir: str,
-                  bootstrap: int = 200, log=print) -> dict[str, list]:
+                  bootstrap: int = 200, log=print, metrics: tuple[str, ...] = ROW_METRICS) -> dict[str, list]:
     """{row: [SubjectResult per subject..., mean]} with the world's CLIP as the identification network."""
     from experiments.evaluation.suite import EvaluationConfig, evaluate
 
-    config = EvaluationConfig(weights={"clip": clip_dir}, metrics=ROW_METRICS, bootstrap=bootstrap)
+    config = EvaluationConfig(weights={"clip": clip_dir}, metrics=metrics, bootstrap=bootstrap)
     return {row: evaluate(data_dir, directory, subjects, config, log=lambda *_: None)
             for row, directory in recon_dirs.items()}
 

@@ -1,0 +1,212 @@
+"""The bottleneck through stage 2: do reconstructions use the brain, or the generative prior?
+
+For every adapter width ``b`` (stage 1's ``b_size``: V -> b -> H inside each subject's adapter) and the
+unbottlenecked reference, the stage-1 encoders of each target stage 2 reads are fitted through the real CLI (the
+world's configs, the paper's ``capacity_factor: 1``) and tested; beside them the MindEye2-style linear decoder
+through the same width, reduced-rank ridge of rank ``b`` (``baselines.ridge.RankedRidge``). One stage 2 is fitted
+on the reference encoders and kept fixed: each width's encoders (``brain``) and ridge predictions (``ridge``) go
+through it, as the demo's ridge row does, so only the information reaching the generator changes. Every row's
+test reconstructions are scored by the evaluation suite (PixCorr, SSIM, CLIP two-way, N-way, CLIP cosine with
+the world's CLIP), with the ceiling (true embeddings) and shuffled brains as the bounds. The paper's claim: the
+MoRE-Brain reconstructions lose the most under a narrow bottleneck, while MindEye2 keeps CLIP cosine near 0.8
+(leaning on its prior). Finished fits, ridge predictions and reconstructions are read back, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datamodules.common import DataFormatError, provenance, write_json_atomic
+from experiments.studies.ablations import fit_row, predicted
+from experiments.studies.reconstruction_rows import evaluate_rows, predict_rows, tables_override
+from experiments.studies.runs import REPO, cli_args, fit_and_test, run_dir
+
+STAGE1_BASE = [REPO / "configs/base/trainer.yaml", REPO / "configs/stage1/tiny_synthetic.yaml",
+               REPO / "configs/stage1/world.yaml"]
+STAGE1_WORLD = {"clip_text": STAGE1_BASE, "clip_image": [*STAGE1_BASE, REPO / "configs/stage1/tiny_synthetic_image.yaml"]}
+STAGE2_WORLD = [REPO / "configs/base/stage2_trainer.yaml", REPO / "configs/stage2/world_synthetic.yaml"]
+BRANCH_TARGET = {"image": "clip_image", "text": "clip_text"}
+ENCODER_OPTION = {"image": "image_encoder", "text": "text_encoder"}
+METRICS = ("pixcorr", "ssim", "clip", "clip_top1", "clip_cosine")
+STAGE1_METRICS = ("fwd_top1", "bwd_top1", "cosine")
+
+
+@dataclass
+class BottleneckStudy:
+    """out_dir: runs and results; data_dir: the dataset; targets: the world CLIP's target caches (default:
+    ``data_dir/targets``, where ``make demo`` leaves them); world: the learned world; widths: the bottleneck widths (the unbottlenecked reference is always
+    run); subjects: fitted and evaluated; stage2_configs: the stage-2 stack (its branches decide which targets get
+    stage-1 fits); stage1_epochs / stage2_epochs: None keeps the configs'; overrides: CLI overrides of every fit of
+    both stages; stage1_overrides / stage2_overrides: of one stage only; bootstrap: replicates of the intervals."""
+
+    out_dir: Path
+    data_dir: Path = REPO / "data/synthetic"
+    targets: Path | None = None
+    world: Path = REPO / "experiments/world/default"
+    widths: tuple[int, ...] = (1, 4, 16)
+    subjects: list[str] = field(default_factory=lambda: ["subj01", "subj02", "subj03"])
+    stage2_configs: list[Path] = field(default_factory=lambda: list(STAGE2_WORLD))
+    stage1_epochs: int | None = None
+    stage2_epochs: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    stage1_overrides: list[str] = field(default_factory=list)
+    stage2_overrides: list[str] = field(default_factory=list)
+    bootstrap: int = 200
+
+    def target_dir(self, target: str) -> Path:
+        return Path(self.targets or Path(self.data_dir) / "targets") / target
+
+    def all_widths(self) -> list[int | None]:
+        return [*sorted(set(self.widths)), None]
+
+
+def width_name(b: int | None) -> str:
+    return "full" if b is None else f"b{b}"
+
+
+def branches(study: BottleneckStudy) -> list[str]:
+    """The stage-2 stack's enabled branches (``image_branch`` / ``text_branch`` not null)."""
+    from experiments._config import load_config
+
+    model = load_config([str(c) for c in study.stage2_configs], study.stage2_overrides)["model"]["init_args"]
+    return [b for b in BRANCH_TARGET if model.get(f"{b}_branch") is not None]
+
+
+def _data(study: BottleneckStudy, target: str | None = None) -> list[str]:
+    args = [f"--data.init_args.data_dir={study.data_dir}", f"--data.init_args.subjects=[{', '.join(study.subjects)}]"]
+    if target:
+        args += [f"--data.init_args.targets={{{target}: {study.target_dir(target)}}}",
+                 f"--model.init_args.target={target}"]
+    return args
+
+
+def world_width(world: Path) -> int:
+    """The world CLIP's embedding width (stage 1's ``out_dim`` and prior width follow it)."""
+    import json
+
+    return int(json.loads((Path(world) / "image_encoder" / "config.json").read_text())["projection_dim"])
+
+
+def stage1_overrides(study: BottleneckStudy, target: str, b: int | None) -> list[str]:
+    width = world_width(study.world)
+    return [*_data(study, target), f"--model.init_args.b_size={'null' if b is None else b}",
+            f"--model.init_args.moe.init_args.out_dim={width}", f"--model.init_args.prior.init_args.embed_dim={width}",
+            *([f"--trainer.max_epochs={study.stage1_epochs}"] if study.stage1_epochs else []),
+            *study.overrides, *study.stage1_overrides]
+
+
+def fit_stage1(study: BottleneckStudy, target: str, b: int | None) -> dict[str, Any]:
+    """Fit and test the width-``b`` encoder of ``target`` -> {"checkpoint", "metrics": mean test metrics}."""
+    name = f"{target}_{width_name(b)}"
+    result = fit_and_test(STAGE1_WORLD[target], stage1_overrides(study, target, b), Path(study.out_dir) / "stage1",
+                          name)
+    metrics = result["metrics"]
+    return {"checkpoint": str(Path(result["dir"]) / "checkpoints" / "last.ckpt"),
+            "metrics": {m: metrics.get(f"test/{m}", _mean(metrics, m)) for m in STAGE1_METRICS}}
+
+
+def _mean(metrics: dict[str, float], name: str) -> float | None:
+    values = [v for k, v in metrics.items() if k.startswith("test/subj") and k.endswith(f"/{name}")]
+    return sum(values) / len(values) if values else None
+
+
+def ridge_predictions(study: BottleneckStudy, target: str, b: int | None) -> dict[str, Any]:
+    """Rank-``b`` ridge of ``target`` on the stage-1 data -> {"dir": target caches per subject, "results"}."""
+    import json
+
+    from experiments._config import build, load_config
+    from experiments.baselines.ridge import ridge_baseline
+
+    directory = Path(study.out_dir) / "ridge" / width_name(b) / target
+    record = directory.parent / f"{target}.json"
+    if not record.is_file():
+        config = load_config([str(c) for c in STAGE1_WORLD[target]], stage1_overrides(study, target, b))
+        model = config["model"]["init_args"]
+        results = ridge_baseline(build(config["data"]), target, model.get("retrieval_candidates", 300),
+                                 model.get("retrieval_draws", 30), predictions_dir=directory, rank=b)
+        write_json_atomic(record, {"ridge": results, "rank": b, "target": target, "provenance": provenance()})
+    return {"dir": str(directory), "results": json.loads(record.read_text())["ridge"]}
+
+
+def stage2_args(study: BottleneckStudy, encoders: dict[str, str]) -> list[str]:
+    """The fixed stage 2's CLI arguments (logging to ``out/stage2/run``) on the reference ``encoders``."""
+    return [*cli_args(study.stage2_configs, Path(study.out_dir), "stage2"), *_data(study),
+            f"--model.init_args.sdxl_dir={study.world}",
+            f"--model.init_args.ip_adapter_weights={Path(study.world) / 'ip_adapter.safetensors'}",
+            *(f"--model.init_args.{ENCODER_OPTION[b]}={path}" for b, path in encoders.items()),
+            *([f"--trainer.max_epochs={study.stage2_epochs}"] if study.stage2_epochs else []),
+            *study.overrides, *study.stage2_overrides]
+
+
+def conditions(study: BottleneckStudy, stage1: dict, ridge: dict, used: list[str]) -> dict[str, list[str]]:
+    """{row: predict overrides}: brain and ridge per width, ceiling (true targets) and shuffled brains."""
+    rows = {"ceiling": [tables_override({b: str(study.target_dir(BRANCH_TARGET[b])) for b in used})],
+            "shuffled": ["--model.init_args.shuffle_conditions=true"]}
+    for b in study.all_widths():
+        w = width_name(b)
+        rows[f"brain_{w}"] = [f"--model.init_args.{ENCODER_OPTION[br]}={stage1[(BRANCH_TARGET[br], w)]['checkpoint']}"
+                              for br in used]
+        rows[f"ridge_{w}"] = [tables_override({br: ridge[(BRANCH_TARGET[br], w)]["dir"] for br in used})]
+    return rows
+
+
+def run_bottleneck_study(study: BottleneckStudy, log=print) -> dict[str, Any]:
+    """Fit, predict and evaluate every width; writes ``bottleneck_study.json`` / ``.csv`` / ``.png`` and
+    ``report.md`` under ``out_dir`` and returns the JSON record."""
+    from experiments.studies.bottleneck_sweep_report import summarise, write_outputs
+
+    start, out = time.perf_counter(), Path(study.out_dir)
+    if any(b < 1 for b in study.widths):
+        raise DataFormatError(f"--widths: every width must be at least 1, got {list(study.widths)}")
+    used = branches(study)
+    targets = [BRANCH_TARGET[b] for b in used]
+    for target in targets:
+        if not (study.target_dir(target) / "meta.json").is_file():
+            raise DataFormatError(f"--targets: no {target} target cache {study.target_dir(target)} "
+                                  "(`make demo` caches the world CLIP's targets under the data's targets/)")
+    stage1, ridge, timing = {}, {}, {}
+    for b in study.all_widths():
+        for target in targets:
+            t = time.perf_counter()
+            log(f"== stage 1, {target}, width {width_name(b)}: fit, test, rank-matched ridge")
+            stage1[(target, width_name(b))] = fit_stage1(study, target, b)
+            ridge[(target, width_name(b))] = ridge_predictions(study, target, b)
+            timing[f"stage1 {target} {width_name(b)}"] = time.perf_counter() - t
+    t = time.perf_counter()
+    log("== stage 2 on the unbottlenecked encoders (kept fixed for every width)")
+    args = stage2_args(study, {b: stage1[(BRANCH_TARGET[b], "full")]["checkpoint"] for b in used})
+    checkpoint = fit_row(args, run_dir(out, "stage2"))
+    timing["stage2 fit"] = time.perf_counter() - t
+    recon = {}
+    without_version = [a for a in args if not a.startswith("--trainer.logger.init_args.version=")]
+    for row, overrides in conditions(study, stage1, ridge, used).items():
+        t, directory = time.perf_counter(), out / "stage2" / f"run_{row}" / "reconstructions"
+        if not predicted(directory, study.subjects):
+            log(f"== predict {row}")
+            predict_rows(without_version, checkpoint, out, "stage2", "run", {row: overrides})
+        recon[row] = directory
+        timing[f"predict {row}"] = time.perf_counter() - t
+    t = time.perf_counter()
+    log("== evaluate every row with the world's CLIP")
+    results = evaluate_rows(Path(study.data_dir), recon, study.subjects, str(Path(study.world) / "image_encoder"),
+                            bootstrap=study.bootstrap, metrics=METRICS)
+    timing["evaluate"] = time.perf_counter() - t
+    record: dict[str, Any] = {
+        "widths": [width_name(b) for b in study.all_widths()], "branches": used, "metrics": list(METRICS),
+        "rows": {row: {r.subject: {"values": r.values, "intervals": {k: list(v) for k, v in r.intervals.items()},
+                                   "num_images": r.num_images} for r in per_subject}
+                 for row, per_subject in results.items()},
+        "stage1": {f"{t}_{w}": v for (t, w), v in stage1.items()},
+        "ridge": {f"{t}_{w}": v for (t, w), v in ridge.items()},
+        "reconstructions": {r: str(d) for r, d in recon.items()},
+        "study": {k: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
+                  for k, v in vars(study).items()},
+        "seconds": {**timing, "total": time.perf_counter() - start},
+        "provenance": provenance(data_dir=str(study.data_dir), subjects=study.subjects)}
+    record["summary"] = summarise(record)
+    write_outputs(record, results, out)
+    write_json_atomic(out / "bottleneck_study.json", record)
+    return record
