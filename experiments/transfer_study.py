@@ -6,10 +6,18 @@
     python -m experiments.cache_targets --data data/transfer_study --subjects 1 2 3 --text-model data/tiny_models
     python -m experiments.transfer_study --data data/transfer_study --out runs/transfer_study
 
+On the learned world, through reconstructions (after ``make demo``: its data, the world CLIP's targets; the world's
+stage-1 configs at the paper's capacity_factor 1, one stage 2 of the target's branch fitted on the source subjects):
+
+    python -m experiments.transfer_study --data data/synthetic --out runs/studies/transfer --stage2 \
+        [--target clip_image] [-- --model.init_args.moe.init_args.scoring=unit]
+
 Runs (see ``experiments/studies/transfer.py``): source (the source subjects, all sessions), full (the new subject,
 all sessions), transfer (source + fresh adapter; adapter and routers trained on --sessions sessions),
-same_from_scratch (the same parts trained without the source), all_from_scratch (every part, --sessions sessions).
-Writes OUT/transfer_study.json and prints the table; finished runs are read back, so a rerun resumes.
+same_from_scratch (the same parts trained without the source), all_from_scratch (every part, --sessions sessions),
+fine_tuned (source + fresh adapter, every part trained on --sessions sessions). Everything after ``--`` is passed to
+every stage-1 run. Writes OUT/transfer_study.json and prints the table; finished runs are read back, so a rerun
+resumes.
 """
 
 from __future__ import annotations
@@ -21,8 +29,28 @@ from pathlib import Path
 from experiments._cli import run_main
 from experiments.studies.transfer import RUNS, TransferStudy, format_study, run_transfer_study
 
+REPO = Path(__file__).resolve().parents[1]
+WORLD_STAGE1 = {"clip_image": ["configs/base/trainer.yaml", "configs/stage1/tiny_synthetic.yaml", "configs/stage1/world.yaml",
+                               "configs/stage1/tiny_synthetic_image.yaml"],
+                "clip_text": ["configs/base/trainer.yaml", "configs/stage1/tiny_synthetic.yaml", "configs/stage1/world.yaml"]}
+WORLD_STAGE2 = {"clip_image": ["configs/base/stage2_trainer.yaml", "configs/stage2/world_synthetic.yaml",
+                               "configs/stage2/ablations/image_only_ts.yaml"],
+                "clip_text": ["configs/base/stage2_trainer.yaml", "configs/stage2/world_synthetic.yaml",
+                              "configs/stage2/ablations/text_only_ts.yaml"]}
+
+
+def world_overrides(world: Path) -> list[str]:
+    """Stage-1 widths that follow the world CLIP's (its out_dim and the prior's)."""
+    import json
+
+    width = json.loads((world / "image_encoder" / "config.json").read_text())["projection_dim"]
+    return [f"--model.init_args.moe.init_args.out_dim={width}", f"--model.init_args.prior.init_args.embed_dim={width}"]
+
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     d = TransferStudy(Path("."), Path("."))
     p = argparse.ArgumentParser(prog="python -m experiments.transfer_study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,13 +67,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transfer-epochs", type=int, default=d.transfer_epochs)
     p.add_argument("--transfer-lr", type=float, default=d.transfer_lr)
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    p.add_argument("--stage2", action="store_true",
+                   help="on the learned world: its stage-1 configs (unless --config) and reconstructions through one "
+                        "stage 2 of the target's branch fitted on the source subjects")
+    p.add_argument("--world", default=str(REPO / "experiments/world/default"), help="the learned world (--stage2)")
+    p.add_argument("--stage2-config", action="append", default=None,
+                   help="the stage-2 stack (default: the world's, the target's branch alone with both routers)")
+    p.add_argument("--stage2-epochs", type=int, default=None, help="default: the stage-2 config's")
+    p.add_argument("--stage2-arg", action="append", default=[], help="a CLI override of the stage-2 runs")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the reconstruction metrics")
     args = p.parse_args(argv)
     if not Path(args.data).is_dir():
         p.error(f"--data: no directory {args.data}")
+    configs = [Path(c) for c in args.config] if args.config else d.configs
+    stage2 = None
+    if args.stage2:
+        world = Path(args.world)
+        if not (world / "image_encoder" / "config.json").is_file():
+            p.error(f"--world: {world} is not a learned world (no image_encoder/config.json)")
+        if args.target not in WORLD_STAGE2:
+            p.error(f"--target: reconstructions need clip_image or clip_text, got {args.target}")
+        configs = [Path(c) for c in args.config] if args.config else [REPO / c for c in WORLD_STAGE1[args.target]]
+        stage2 = [Path(c) for c in args.stage2_config] if args.stage2_config else \
+            [REPO / c for c in WORLD_STAGE2[args.target]]
+        extra = [*world_overrides(world), *extra]
+    missing = [str(c) for c in [*configs, *(stage2 or [])] if not Path(c).is_file()]
+    if missing:
+        p.error(f"--config: {missing[0]} does not exist")
     study = TransferStudy(Path(args.data), Path(args.out), args.new_subject, args.source_subjects, args.sessions,
-                          [Path(c) for c in args.config] if args.config else d.configs, args.target,
-                          args.source_epochs, args.full_epochs, args.transfer_epochs, args.transfer_lr,
-                          tuple(args.runs))
+                          configs, args.target, args.source_epochs, args.full_epochs, args.transfer_epochs,
+                          args.transfer_lr, tuple(args.runs), extra, stage2, Path(args.world), args.stage2_epochs,
+                          list(args.stage2_arg), args.bootstrap)
     print(format_study(run_transfer_study(study)))
     print(f"wrote {Path(args.out) / 'transfer_study.json'}")
     return 0
