@@ -97,3 +97,13 @@ def test_cell_pool_averages_pixels_into_cells(size, grid):
     mask[: size // 2, : size // 2] = 1.0
     cover = pool.T @ mask @ pool
     assert cover[0, 0] == 1.0 and cover[-1, -1] == 0.0
+
+
+def test_the_spatial_control_study_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from datamodules.common import run_command
+    from experiments.spatial_control_study import main
+
+    assert run_command(main, ["--out", str(tmp_path), "--predict", str(tmp_path / "none")]) == 2
+    assert "--predict" in capsys.readouterr().err
+    assert run_command(main, ["--out", str(tmp_path), "--permutations", "0"]) == 2
+    assert "--permutations" in capsys.readouterr().err
