@@ -82,12 +82,17 @@ world: install ## Train the learned miniature world (CLIP, VAE, SDXL-shaped UNet
 	$(BIN)/python -m experiments.make_world --out data/world
 
 .PHONY: studies
-studies: install ## The studies on the learned world (after make demo): ablation table, temporal router vs its prior, bottleneck
+studies: install ## The studies on the learned world (after make demo): ablations, temporal router, bottleneck, transfer, spatial control
 	$(BIN)/python -m experiments.ablation_study --data $(DATA) --out $(LOGS)/ablation_study \
 	--image-encoder $(LOGS)/stage1_world_image/demo/checkpoints/last.ckpt \
 	--text-encoder $(LOGS)/stage1_world_text/demo/checkpoints/last.ckpt
 	$(BIN)/python -m experiments.temporal_router_study --out $(LOGS)/studies/temporal_router
 	$(BIN)/python -m experiments.bottleneck_study --data $(DATA) --out $(LOGS)/studies/bottleneck
+	$(BIN)/python -m experiments.transfer_study --data $(DATA) --out $(LOGS)/studies/transfer --stage2 --target clip_image
+	$(BIN)/python -m experiments.spatial_control_study --out $(LOGS)/studies/spatial_control --data $(DATA) \
+	--predict $(LOGS)/stage2_world/demo_brain/reconstructions \
+	--image-encoder $(LOGS)/stage1_world_image/demo/checkpoints/last.ckpt \
+	--text-encoder $(LOGS)/stage1_world_text/demo/checkpoints/last.ckpt
 
 bench: install ## Benchmarks; JSON results in bench_results/
 	$(BIN)/python -m experiments.bench --only data stage1 stage2 conditions callbacks slurm --out bench_results --work data/bench

@@ -305,12 +305,31 @@ class SyntheticNSD:
         return {i: [CATEGORIES[self.factors.category[i]]] for i in range(len(self.images))}
 
 
+def universe_sizes(cfg: SyntheticNSDConfig) -> tuple[int, int]:
+    """(training images per subject, images in the universe) of ``cfg``."""
+    total = cfg.num_sessions * cfg.trials_per_session
+    per_subject_train = int(np.ceil((total - cfg.num_test_images * cfg.repeats) / cfg.repeats))
+    return per_subject_train, cfg.num_test_images + per_subject_train * len(cfg.voxels)
+
+
+def universe_factors(cfg: SyntheticNSDConfig) -> SceneFactors:
+    """The scene factors of every universe image, as ``simulate`` draws them (the first draws of its stream), with
+    nothing rendered: the generated dataset's factors recovered from its config (``synthetic_nsd.json``)."""
+    return sample_factors(np.random.default_rng(cfg.seed), universe_sizes(cfg)[1])
+
+
+def object_masks(f: SceneFactors, ids: np.ndarray, size: int) -> np.ndarray:
+    """(n, size, size) bool: the pixels ``render_image`` paints with the object of each image in ``ids``."""
+    coords = (np.arange(size) + 0.5) / size
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    return np.stack([_shape_mask(SHAPES[f.category[i]], xx - f.cx[i], yy - f.cy[i], f.size[i]) for i in ids])
+
+
 def simulate(cfg: SyntheticNSDConfig) -> SyntheticNSD:
     """Generate everything in memory, deterministically from ``cfg.seed``."""
     rng = np.random.default_rng(cfg.seed)
     total = cfg.num_sessions * cfg.trials_per_session
-    per_subject_train = int(np.ceil((total - cfg.num_test_images * cfg.repeats) / cfg.repeats))
-    n_universe = cfg.num_test_images + per_subject_train * len(cfg.voxels)
+    per_subject_train, n_universe = universe_sizes(cfg)
     factors = sample_factors(rng, n_universe)
     images = np.stack([render_image(factors, i, cfg.image_size) for i in range(n_universe)])
     ids = rng.permutation(n_universe)
