@@ -143,9 +143,11 @@ def voxel_maps_analysis(moe: nn.Module, adapters: nn.Module, subject: str, test:
         results = roi_agreement(ig_maps, roi.labels, roi.names, permutations, seed)
         adapter = roi_agreement([adapter_maps], roi.labels, roi.names, permutations, seed)[0]
         adapter.name = "level 0 adapter-weight argmax expert"
-        rows = [[r.name, r.ami, r.null_p99, r.p_value, r.voxels, r.above_null] for r in [adapter, *results]]
+        rows = [[r.name, r.ami, r.null_p99, r.p_value, r.voxels, r.above_null, float(r.null.mean()),
+                 float(r.null.std())] for r in [adapter, *results]]
         write_csv(Path(out_dir) / "voxel_maps/roi_agreement.csv",
-                  ["assignment", "ami", "null_p99", "p_value", "voxels", "above_null_p99"], rows)
+                  ["assignment", "ami", "null_p99", "p_value", "voxels", "above_null_p99", "null_mean", "null_sd"],
+                  rows)
         primary = results[-1]
         items.append(ReportItem(
             "Agreement with the ground-truth ROIs",
