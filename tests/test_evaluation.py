@@ -21,10 +21,10 @@ from experiments.evaluate import main  # noqa: E402
 from experiments.evaluation import bootstrap as B  # noqa: E402
 from experiments.evaluation import preprocessing as P  # noqa: E402
 from experiments.evaluation import suite  # noqa: E402
-from experiments.evaluation.paired_scores import correlation_distance  # noqa: E402
 from experiments.evaluation.inputs import load_test_images  # noqa: E402
 from experiments.evaluation.low_level import low_level_metrics, pixcorr, ssim  # noqa: E402
 from experiments.evaluation.networks import NETWORKS, FeatureNetwork  # noqa: E402
+from experiments.evaluation.paired_scores import correlation_distance  # noqa: E402
 from experiments.evaluation.retrieval import retrieval_mindeye2  # noqa: E402
 from experiments.evaluation.two_way import two_way_identification  # noqa: E402
 from lightning_modules.components.target_embedders import MissingWeightsError  # noqa: E402
