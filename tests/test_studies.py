@@ -1,5 +1,6 @@
-"""The studies on synthetic data, through the real CLI: one-session transfer against the full-data model and
-against the same parameters trained from scratch; retrieval against the bottleneck width."""
+"""The studies on synthetic data, through the real CLI, at the paper's capacity_factor 1 (configs/stage1/tiny_study.yaml,
+the router that keeps unit identity): one-session transfer against the full-data model and against the same
+parameters trained from scratch; retrieval against the bottleneck width."""
 
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ def test_one_session_transfer_reaches_the_full_data_model_and_beats_the_same_par
     rows = {r["run"]: r for r in record["rows"]}
     print(capsys.readouterr().out)
     assert rows["transfer"]["sessions"] == 1 and rows["full"]["sessions"] == "all"
+    assert "capacity_factor: 1.0" in (out / "transfer" / "run" / "config.yaml").read_text()  # the paper's
     assert rows["transfer"]["trainable_parts"] == ["new_adapters", "routers"]
-    assert rows["transfer"]["trainable"] == rows["same_from_scratch"]["trainable"] == 240 * 128 + 128 + 30
+    # the new adapter and the routers (gates and the per-unit affinities of scoring: unit)
+    assert rows["transfer"]["trainable"] == rows["same_from_scratch"]["trainable"] == 240 * 128 + 128 + 1054
     assert rows["full"]["fwd_top1"] >= 0.4  # far above chance (1 / 40): the comparison means something
     assert record["ratio_to_full"] >= 0.8, record["rows"]
     assert rows["transfer"]["fwd_top1"] >= 2 * rows["same_from_scratch"]["fwd_top1"] + 0.1, record["rows"]

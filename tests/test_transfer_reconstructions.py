@@ -1,6 +1,8 @@
 """Cross-subject transfer through reconstructions on the reduced world, at the paper's capacity_factor 1: the
 study's command with ``--stage2`` (source subjects 1 and 2, new subject 3 with one of its sessions, the image
-target), one stage 2 fitted on the source subjects and kept fixed for the new subject's runs."""
+target, the router that keeps unit identity), one stage 2 fitted on the source subjects and kept fixed for the new
+subject's runs. Measured here (20 test images): two-way transfer 77.1%, same parameters from scratch 55.5%, fine-tuned
+72.1%, ceiling 89.7%, shuffled 58.4%; embedding top-1 0.55 / 0.25 / 0.35."""
 
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def study(small_data, reduced_world, tmp_path_factory) -> dict:
                  "--target", "clip_image", "--runs", "source", "transfer", "same_from_scratch", "fine_tuned",
                  "--source-epochs", "12", "--transfer-epochs", "24", "--stage2-epochs", "2", "--bootstrap", "0",
                  "--stage2-arg=--data.init_args.val_images=8", "--stage2-arg=--model.init_args.inference_steps=10",
-                 "--", "--data.init_args.val_images=8", "--trainer.check_val_every_n_epoch=100"]) == 0
+                 "--", "--data.init_args.val_images=8", "--trainer.check_val_every_n_epoch=100",
+                 "--model.init_args.moe.init_args.scoring=unit"]) == 0
     return {"out": out, "record": json.loads((out / "transfer_study.json").read_text())}
 
 
@@ -47,10 +50,10 @@ def test_the_study_runs_at_the_papers_capacity_and_trains_the_intended_parts(stu
 
 def test_the_transferred_encoder_reconstructs_the_new_subject_beyond_its_controls(study):
     """What the ground truth guarantees: the new subject's brains carry its images, so reconstructions from the
-    transferred encoder are identified above the same encoder fed shuffled brains, and the true embeddings
-    (ceiling) do at least as well as any brain."""
+    transferred encoder are identified above the same encoder fed shuffled brains (by 8 points; measured 18.7),
+    and the true embeddings (ceiling) do better than any brain."""
     rec = study["record"]["reconstructions"]["rows"]
-    assert rec["transfer"]["clip"] > rec["shuffled"]["clip"], rec
+    assert rec["transfer"]["clip"] >= rec["shuffled"]["clip"] + 8.0, rec
     assert rec["transfer"]["clip_cosine"] > rec["shuffled"]["clip_cosine"], rec
     for run in ("transfer", "same_from_scratch", "fine_tuned"):
         assert rec["ceiling"]["clip_cosine"] > rec[run]["clip_cosine"], (run, rec)
