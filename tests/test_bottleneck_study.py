@@ -56,10 +56,17 @@ def test_a_width_one_bottleneck_loses_what_the_reference_decodes(study):
         assert bounds["shuffled"]["clip_cosine"] < row["clip_cosine"] < bounds["ceiling"]["clip_cosine"], key
 
 
-def test_the_bottleneck_study_refuses_bad_options_in_one_line(tmp_path, capsys):
+def test_the_bottleneck_study_refuses_bad_options_in_one_line(tmp_path, capsys, reduced_world):
     from experiments.bottleneck_study import main
 
-    assert main(["--out", str(tmp_path), "--widths", "0"]) == 2
+    places = ["--out", str(tmp_path / "out"), "--data", str(tmp_path), "--world", str(reduced_world)]
+    assert main([*places, "--widths", "0"]) == 2
     assert "--widths" in capsys.readouterr().err
-    assert main(["--out", str(tmp_path), "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert main([*places, "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+    assert main([*places[:2], "--data", str(tmp_path / "nothing"), "--world", str(reduced_world)]) == 2
+    assert "--data" in capsys.readouterr().err
+    from datamodules.common import run_command
+
+    assert run_command(main, places) == 2  # no target caches under the data: named, before any fit
+    assert "--targets" in capsys.readouterr().err
