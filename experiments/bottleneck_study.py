@@ -16,7 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.studies.bottleneck_sweep import STAGE2_WORLD, BottleneckStudy, run_bottleneck_study
+from experiments.studies.bottleneck_sweep import BottleneckStudy, run_bottleneck_study
+from experiments.studies.runs import STAGE2_WORLD
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.studies.kl_guidance import STAGE2_WORLD, TemporalStudy, run_study
+from experiments.studies.kl_guidance import TemporalStudy, run_study
+from experiments.studies.runs import STAGE2_WORLD
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,24 +27,8 @@ import sys
 from pathlib import Path
 
 from experiments._cli import run_main
+from experiments.studies.runs import REPO, STAGE1_WORLD, STAGE2_WORLD_BRANCH
 from experiments.studies.transfer import RUNS, TransferStudy, format_study, run_transfer_study
-
-REPO = Path(__file__).resolve().parents[1]
-WORLD_STAGE1 = {"clip_image": ["configs/base/trainer.yaml", "configs/stage1/tiny_synthetic.yaml", "configs/stage1/world.yaml",
-                               "configs/stage1/tiny_synthetic_image.yaml"],
-                "clip_text": ["configs/base/trainer.yaml", "configs/stage1/tiny_synthetic.yaml", "configs/stage1/world.yaml"]}
-WORLD_STAGE2 = {"clip_image": ["configs/base/stage2_trainer.yaml", "configs/stage2/world_synthetic.yaml",
-                               "configs/stage2/ablations/image_only_ts.yaml"],
-                "clip_text": ["configs/base/stage2_trainer.yaml", "configs/stage2/world_synthetic.yaml",
-                              "configs/stage2/ablations/text_only_ts.yaml"]}
-
-
-def world_overrides(world: Path) -> list[str]:
-    """Stage-1 widths that follow the world CLIP's (its out_dim and the prior's)."""
-    import json
-
-    width = json.loads((world / "image_encoder" / "config.json").read_text())["projection_dim"]
-    return [f"--model.init_args.moe.init_args.out_dim={width}", f"--model.init_args.prior.init_args.embed_dim={width}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,12 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         world = Path(args.world)
         if not (world / "image_encoder" / "config.json").is_file():
             p.error(f"--world: {world} is not a learned world (no image_encoder/config.json)")
-        if args.target not in WORLD_STAGE2:
+        if args.target not in STAGE2_WORLD_BRANCH:
             p.error(f"--target: reconstructions need clip_image or clip_text, got {args.target}")
-        configs = [Path(c) for c in args.config] if args.config else [REPO / c for c in WORLD_STAGE1[args.target]]
+        configs = [Path(c) for c in args.config] if args.config else list(STAGE1_WORLD[args.target])
         stage2 = [Path(c) for c in args.stage2_config] if args.stage2_config else \
-            [REPO / c for c in WORLD_STAGE2[args.target]]
-        extra = [*world_overrides(world), *extra]
+            list(STAGE2_WORLD_BRANCH[args.target])
+        from experiments.world.validate import stage1_width_overrides
+
+        extra = [*stage1_width_overrides(world), *extra]
     missing = [str(c) for c in [*configs, *(stage2 or [])] if not Path(c).is_file()]
     if missing:
         p.error(f"--config: {missing[0]} does not exist")

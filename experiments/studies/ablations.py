@@ -22,9 +22,8 @@ import numpy as np
 from datamodules.common import DataFormatError, provenance, write_json_atomic
 from experiments.evaluation.bootstrap import percentile_interval
 from experiments.studies.reconstruction_rows import ROW_METRICS, evaluate_rows, predict_rows
-from experiments.studies.runs import REPO, cli_args, run_dir
+from experiments.studies.runs import REPO, STAGE2_WORLD, cli_args, run_dir
 
-STAGE2_WORLD = [REPO / "configs/base/stage2_trainer.yaml", REPO / "configs/stage2/world_synthetic.yaml"]
 ABLATIONS = REPO / "configs/stage2/ablations"
 LABELS = {"text_image_ts": "Text+Image (TS)", "text_only": "Text only", "text_only_ts": "Text only (TS)",
           "image_only": "Image only", "image_only_ts": "Image only (TS)", "text_image_s_only": "Text+Image (S only)",

@@ -22,12 +22,8 @@ from typing import Any
 from datamodules.common import DataFormatError, provenance, write_json_atomic
 from experiments.studies.ablations import fit_row, predicted
 from experiments.studies.reconstruction_rows import evaluate_rows, predict_rows, tables_override
-from experiments.studies.runs import REPO, cli_args, fit_and_test, run_dir
+from experiments.studies.runs import REPO, STAGE1_WORLD, STAGE2_WORLD, cli_args, fit_and_test, run_dir
 
-STAGE1_BASE = [REPO / "configs/base/trainer.yaml", REPO / "configs/stage1/tiny_synthetic.yaml",
-               REPO / "configs/stage1/world.yaml"]
-STAGE1_WORLD = {"clip_text": STAGE1_BASE, "clip_image": [*STAGE1_BASE, REPO / "configs/stage1/tiny_synthetic_image.yaml"]}
-STAGE2_WORLD = [REPO / "configs/base/stage2_trainer.yaml", REPO / "configs/stage2/world_synthetic.yaml"]
 BRANCH_TARGET = {"image": "clip_image", "text": "clip_text"}
 ENCODER_OPTION = {"image": "image_encoder", "text": "text_encoder"}
 METRICS = ("pixcorr", "ssim", "clip", "clip_top1", "clip_cosine")
@@ -83,17 +79,11 @@ def _data(study: BottleneckStudy, target: str | None = None) -> list[str]:
     return args
 
 
-def world_width(world: Path) -> int:
-    """The world CLIP's embedding width (stage 1's ``out_dim`` and prior width follow it)."""
-    import json
-
-    return int(json.loads((Path(world) / "image_encoder" / "config.json").read_text())["projection_dim"])
-
-
 def stage1_overrides(study: BottleneckStudy, target: str, b: int | None) -> list[str]:
-    width = world_width(study.world)
+    from experiments.world.validate import stage1_width_overrides
+
     return [*_data(study, target), f"--model.init_args.b_size={'null' if b is None else b}",
-            f"--model.init_args.moe.init_args.out_dim={width}", f"--model.init_args.prior.init_args.embed_dim={width}",
+            *stage1_width_overrides(study.world),
             *([f"--trainer.max_epochs={study.stage1_epochs}"] if study.stage1_epochs else []),
             *study.overrides, *study.stage1_overrides]
 

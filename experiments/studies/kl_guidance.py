@@ -21,9 +21,8 @@ import numpy as np
 import torch
 
 from datamodules.common import provenance
-from experiments.studies.runs import REPO, cli_args, run_dir
+from experiments.studies.runs import STAGE2_WORLD, cli_args, run_dir
 
-STAGE2_WORLD = [REPO / "configs/base/stage2_trainer.yaml", REPO / "configs/stage2/world_synthetic.yaml"]
 UNTRAINED = "untrained"
 
 

@@ -9,6 +9,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 TINY_STUDY = [REPO / "configs/base/trainer.yaml", REPO / "configs/stage1/tiny_synthetic.yaml",
               REPO / "configs/stage1/tiny_study.yaml"]
+_WORLD1 = [REPO / "configs/base/trainer.yaml", REPO / "configs/stage1/tiny_synthetic.yaml",
+           REPO / "configs/stage1/world.yaml"]
+STAGE1_WORLD = {"clip_text": _WORLD1, "clip_image": [*_WORLD1, REPO / "configs/stage1/tiny_synthetic_image.yaml"]}
+STAGE2_WORLD = [REPO / "configs/base/stage2_trainer.yaml", REPO / "configs/stage2/world_synthetic.yaml"]
+# stage 2 of one target's branch alone, with both of its routers (the ablation rows "Image / Text only (TS)")
+STAGE2_WORLD_BRANCH = {"clip_image": [*STAGE2_WORLD, REPO / "configs/stage2/ablations/image_only_ts.yaml"],
+                       "clip_text": [*STAGE2_WORLD, REPO / "configs/stage2/ablations/text_only_ts.yaml"]}
 
 
 def run_dir(root: Path, name: str) -> Path:

@@ -56,3 +56,10 @@ def check_world(directory: str | Path, option: str = "--world", image_size: int 
             raise WorldMismatchError(f"{option}: world {root} has {name} {have} (part {part}/config.json {key}), "
                                      f"not {want}")
     return manifest
+
+
+def stage1_width_overrides(directory: str | Path) -> list[str]:
+    """CLI overrides that give stage 1 the world CLIP's embedding width (the MoE's ``out_dim`` and the prior's
+    ``embed_dim``), read from ``image_encoder/config.json``."""
+    width = int(json.loads((Path(directory) / "image_encoder" / "config.json").read_text())["projection_dim"])
+    return [f"--model.init_args.moe.init_args.out_dim={width}", f"--model.init_args.prior.init_args.embed_dim={width}"]

@@ -3,7 +3,6 @@ the small dataset, and a short stage-1 fit per target (subject 1, the prior on e
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,8 +21,8 @@ def cache_world_targets(world: Path, data: Path, root: Path) -> Path:
 def fit_world_stage1(world: Path, data: Path, targets: Path, root: Path, epochs: int = 12) -> dict[str, Path]:
     """{target: last.ckpt} of a stage-1 fit of subject 1 per target, logged under ``root/<target>``."""
     from experiments.run import cli_main
+    from experiments.world.validate import stage1_width_overrides
 
-    width = json.loads((world / "image_encoder" / "config.json").read_text())["projection_dim"]
     out = {}
     for target in ("clip_image", "clip_text"):
         logs = root / f"world_{target}"
@@ -31,8 +30,7 @@ def fit_world_stage1(world: Path, data: Path, targets: Path, root: Path, epochs:
                   f"--data.init_args.targets={{{target}: {targets / target}}}",
                   "--data.init_args.subjects=[subj01]", "--data.init_args.val_images=8",
                   f"--data.init_args.val_cache_dir={logs / 'val_cache'}", f"--model.init_args.target={target}",
-                  f"--model.init_args.moe.init_args.out_dim={width}",
-                  f"--model.init_args.prior.init_args.embed_dim={width}",
+                  *stage1_width_overrides(world),
                   f"--trainer.logger.init_args.save_dir={logs}", "--trainer.logger.init_args.version=run",
                   "--trainer.enable_progress_bar=false", f"--trainer.max_epochs={epochs}",
                   "--trainer.check_val_every_n_epoch=100"])
