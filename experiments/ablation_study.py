@@ -5,7 +5,9 @@
 
 Every row of configs/stage2/ablations/ is fitted through the CLI on the world's stage-2 stack (same seed, epochs,
 data and sampler), its test images reconstructed and scored by the evaluation suite (PixCorr, SSIM, CLIP two-way
-and N-way identification with the world's CLIP); the full model is also fed shuffled brains (the chance control).
+and N-way identification with the world's CLIP); the full model is also fed shuffled brains (the chance control)
+and, beside it, run on stage-1 encoders whose router keeps unit identity (``moe.scoring: unit``; fitted here with
+the world's stage-1 configs, so the two routers are compared through the same stage 2).
 Writes OUT/ablations.csv, ablations.json (with provenance), ablations.png, ablations_grid.png and report.md: our
 table and, for every row, the direction of its difference from Text+Image (TS) beside the paper's. Finished fits
 and predictions are read back, so a rerun resumes (see experiments/studies/ablations.py).
@@ -40,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inference-steps", type=int, default=d.inference_steps, help="sampler steps of predict")
     p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap replicates")
     p.add_argument("--subjects", nargs="+", default=d.subjects)
+    p.add_argument("--no-unit-router", dest="unit_router", action="store_false",
+                   help="skip the full model on unit-identity-router encoders (fitted here by default)")
+    p.add_argument("--stage1-epochs", type=int, default=None,
+                   help="epochs of those unit-router stage-1 fits (default: the world configs')")
     args = p.parse_args(argv)
     data = Path(args.data)
     if not (data / "synthetic_nsd.json").is_file() and not any(data.glob("subj*")):
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         raise DataFormatError(str(exc)) from exc
     study = AblationStudy(data, Path(args.out), Path(args.image_encoder), Path(args.text_encoder), Path(args.world),
                           tuple(args.rows), args.epochs, args.seed, args.inference_steps, args.bootstrap,
-                          list(args.subjects))
+                          list(args.subjects), unit_router=args.unit_router, stage1_epochs=args.stage1_epochs)
     record = run_ablation_study(study)
     print((Path(args.out) / "report.md").read_text())
     print(f"took {record['seconds']['total']:.0f} s; wrote {args.out}/ablations.csv, ablations.json, ablations.png, "

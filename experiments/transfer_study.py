@@ -16,8 +16,8 @@ Runs (see ``experiments/studies/transfer.py``): source (the source subjects, all
 all sessions), transfer (source + fresh adapter; adapter and routers trained on --sessions sessions),
 same_from_scratch (the same parts trained without the source), all_from_scratch (every part, --sessions sessions),
 fine_tuned (source + fresh adapter, every part trained on --sessions sessions). Everything after ``--`` is passed to
-every stage-1 run. Writes OUT/transfer_study.json and prints the table; finished runs are read back, so a rerun
-resumes.
+every stage-1 run. Writes OUT/transfer_study.json (with provenance), transfer_study.csv, transfer_study.png and
+report.md and prints the table; finished runs are read back, so a rerun resumes.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                           args.transfer_lr, tuple(args.runs), extra, stage2, Path(args.world), args.stage2_epochs,
                           list(args.stage2_arg), args.bootstrap)
     print(format_study(run_transfer_study(study)))
-    print(f"wrote {Path(args.out) / 'transfer_study.json'}")
+    print(f"wrote {Path(args.out)}/transfer_study.json, transfer_study.csv, transfer_study.png, report.md")
     return 0
 
 

@@ -29,7 +29,10 @@ def study(reduced_world, small_data, tmp_path_factory) -> A.AblationStudy:
     return A.AblationStudy(small_data, root / "study", encoders["clip_image"], encoders["clip_text"], reduced_world,
                            rows=ROWS, epochs=2, bootstrap=200, subjects=["subj01"],
                            extra=["--data.init_args.val_images=8", f"--data.init_args.val_cache_dir={root / 'val'}",
-                                  "--data.init_args.samples_per_epoch=160", "--data.init_args.eval_batch_size=10"])
+                                  "--data.init_args.samples_per_epoch=160", "--data.init_args.eval_batch_size=10"],
+                           stage1_epochs=12, stage1_extra=["--data.init_args.val_images=8",
+                                                           "--trainer.check_val_every_n_epoch=100",
+                                                           f"--data.init_args.val_cache_dir={root / 'val1'}"])
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +48,11 @@ def test_the_study_fits_every_row_from_one_seed_with_its_ablation_config_and_wri
         branches = config["model"]["init_args"]
         assert (branches["image_branch"] is None) == (row == "text_only"), row
         assert (branches["text_branch"] is None) == (row == "image_only"), row
-    assert set(record["rows"]) == {*ROWS, A.SHUFFLED}
+    assert set(record["rows"]) == {*ROWS, A.UNIT_ROUTER, A.SHUFFLED}
     assert {"git_commit", "package_versions", "command"} <= set(record["provenance"])
     lines = list(csv.DictReader((out / "ablations.csv").open()))
-    assert len(lines) == (len(ROWS) + 1) * 2 * len(A.ROW_METRICS)  # rows + control, subject + mean, metrics
+    # rows + the unit-router row + control, subject + mean, metrics
+    assert len(lines) == (len(ROWS) + 2) * 2 * len(A.ROW_METRICS)
     compared = [r for r in lines if r["subject"] == "mean" and r["paper_metric"]]
     assert {(r["row"], r["metric"]) for r in compared} == {(row, o) for row in ROWS[1:] for o, _ in A.COMPARED}
     assert all(float(r["ci_low"]) <= float(r["value"]) <= float(r["ci_high"]) for r in lines)
@@ -56,6 +60,22 @@ def test_the_study_fits_every_row_from_one_seed_with_its_ablation_config_and_wri
     assert "0.415 -> 0.410" in report and "Text only" in report  # the paper's SSIM, full -> Text only
     for name in ("ablations.png", "ablations_grid.png", "ablations.json"):
         assert (out / name).stat().st_size > 0
+    assert "The two routers side by side" in report
+
+
+def test_the_unit_router_row_is_the_full_model_on_encoders_that_keep_unit_identity(study, record):
+    out = Path(study.out_dir)
+    unit = yaml.safe_load((out / "runs" / A.UNIT_ROUTER / "run" / "config.yaml").read_text())["model"]["init_args"]
+    full = yaml.safe_load((out / "runs" / A.FULL / "run" / "config.yaml").read_text())["model"]["init_args"]
+    assert {k: v for k, v in unit.items() if not k.endswith("_encoder")} == \
+        {k: v for k, v in full.items() if not k.endswith("_encoder")}
+    for target, option in (("clip_image", "image_encoder"), ("clip_text", "text_encoder")):
+        assert unit[option] == str(out / "stage1" / f"{target}_unit" / "run" / "checkpoints" / "last.ckpt")
+        stage1 = yaml.safe_load((out / "stage1" / f"{target}_unit" / "run" / "config.yaml").read_text())
+        assert stage1["model"]["init_args"]["moe"]["init_args"]["scoring"] == "unit"
+        assert stage1["model"]["init_args"]["target"] == target
+    clip = {row: r["mean"]["values"]["clip"] for row, r in record["rows"].items()}
+    assert clip[A.UNIT_ROUTER] > clip[A.SHUFFLED], clip  # its conditioning carries the brain too
 
 
 def test_every_conditioned_row_is_identified_better_than_the_shuffled_brains(record):

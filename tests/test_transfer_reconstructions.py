@@ -48,6 +48,17 @@ def test_the_study_runs_at_the_papers_capacity_and_trains_the_intended_parts(stu
     assert {"git_commit", "package_versions"} <= set(record["provenance"])
 
 
+def test_the_study_writes_its_csv_figure_and_report(study):
+    out = Path(study["out"])
+    lines = (out / "transfer_study.csv").read_text().splitlines()
+    assert lines[0].startswith("run,subjects,sessions,trainable,share,fwd_top1,bwd_top1,recon_pixcorr")
+    assert [line.split(",")[0] for line in lines[1:]] == ["source", "transfer", "same_from_scratch", "fine_tuned",
+                                                          "ceiling", "shuffled"]
+    assert (out / "transfer_study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "| transfer | subj03 | 1 |" in report and "shuffled brains" in report and "transfer_study.png" in report
+
+
 def test_the_transferred_encoder_reconstructs_the_new_subject_beyond_its_controls(study):
     """What the ground truth guarantees: the new subject's brains carry its images, so reconstructions from the
     transferred encoder are identified above the same encoder fed shuffled brains (by 8 points; measured 18.7),

@@ -18,6 +18,7 @@ from experiments.studies.ablations import (
     PAPER_LABELS,
     PAPER_SOURCE,
     SHUFFLED,
+    UNIT_ROUTER,
 )
 from experiments.studies.reconstruction_rows import rows_grid
 
@@ -99,8 +100,9 @@ def report(record: dict[str, Any]) -> str:
              f"`{study['world']}`, stage 1 `{study['image_encoder']}` and `{study['text_encoder']}`. Every row "
              f"fitted {study['epochs']} epochs from seed {study['seed']} (same data, steps and sampler: "
              f"{steps} inference steps), evaluated by the evaluation suite with "
-             f"the world's CLIP; 95% bootstrap intervals over images ({study['bootstrap']} replicates). Took "
-             f"{record['seconds']['total']:.0f} s.", "",
+             f"the world's CLIP; 95% bootstrap intervals over images ({study['bootstrap']} replicates). This "
+             f"invocation took {record['seconds']['total']:.0f} s (steps an earlier one finished are read back).",
+             "",
              "## Ours (mean over subjects)", "",
              "| row | " + " | ".join(METRIC_LABELS[m] for m in record["metrics"]) + " |",
              "|---|" + "---:|" * len(record["metrics"])]
@@ -119,7 +121,7 @@ def report(record: dict[str, Any]) -> str:
               "|---|" + "---|---:|---|" * len(COMPARED) + "---:|"]
     counts = {"agrees": 0, "differs": 0, "unresolved": 0}
     for row, entry in record["comparison"].items():
-        if row == FULL:
+        if "directions" not in entry:  # the full model, and the unit-router row (not in the paper)
             continue
         cells = []
         for d in entry["directions"]:
@@ -129,8 +131,14 @@ def report(record: dict[str, Any]) -> str:
                       f"{d['paper']} / {d['ours']}: **{d['agreement']}**"]
         lines.append(f"| {labels[row]} | " + " | ".join(cells) + f" | {entry['paper_worse_on']} of 4 |")
     lines += ["", f"Directions: {counts['agrees']} agree, {counts['differs']} differ, {counts['unresolved']} "
-              "unresolved (our interval includes 0).", "",
-              "## Control: every row against the shuffled brains (CLIP 2-way)", "",
+              "unresolved (our interval includes 0).", ""]
+    if UNIT_ROUTER in record["comparison"]:
+        diff = record["comparison"][UNIT_ROUTER]["vs_full"]
+        lines += [f"## The two routers side by side: {labels[UNIT_ROUTER]} minus {labels[FULL]}", "",
+                  "The same stage-2 row on stage-1 encoders whose router keeps unit identity (`moe.scoring: unit`, "
+                  "fitted by the study with the reference encoders' configs): "
+                  + ", ".join(f"{METRIC_LABELS[m]} {_diff(diff[m], m)}" for m in record["metrics"]) + ".", ""]
+    lines += ["## Control: every row against the shuffled brains (CLIP 2-way)", "",
               f"Shuffled: {_cell(rows[SHUFFLED]['mean']['values'], rows[SHUFFLED]['mean']['intervals'], 'clip')} "
               f"(the full model, {labels[FULL]} at {full['values']['clip']:.1f}%, fed other images' brains).", "",
               "| row | margin over shuffled [95% CI] |", "|---|---:|"]

@@ -22,7 +22,7 @@ import numpy as np
 from datamodules.common import DataFormatError, provenance, write_json_atomic
 from experiments.evaluation.bootstrap import percentile_interval
 from experiments.studies.reconstruction_rows import ROW_METRICS, evaluate_rows, predict_rows
-from experiments.studies.runs import REPO, STAGE2_WORLD, cli_args, run_dir
+from experiments.studies.runs import REPO, STAGE1_WORLD, STAGE2_WORLD, cli_args, fit_and_test, run_dir
 
 ABLATIONS = REPO / "configs/stage2/ablations"
 LABELS = {"text_image_ts": "Text+Image (TS)", "text_only": "Text only", "text_only_ts": "Text only (TS)",
@@ -32,6 +32,10 @@ LABELS = {"text_image_ts": "Text+Image (TS)", "text_only": "Text only", "text_on
 ROWS = tuple(LABELS)
 FULL = "text_image_ts"
 SHUFFLED = "shuffled"  # the full model, every test image conditioned on another test image's brain
+# the full model on stage-1 encoders whose router keeps unit identity (``moe.scoring: unit``), fitted by the study
+# with the same configs as the reference encoders: the two routers side by side through the same stage 2
+UNIT_ROUTER = "unit_router"
+UNIT_LABEL = "Text+Image (TS), unit router"
 
 # The paper's ablation table as printed (MoRE-Brain, NeurIPS 2025, arXiv 2505.15946, "Ablation Study"; copied
 # from ../shared/docs/seed-paper-summary.txt): SSIM, two-way identification on AlexNet layer 2 and InceptionV3
@@ -63,7 +67,9 @@ class AblationStudy:
     always run: differences and the control are taken against it); epochs: stage-2 epochs per row; seed:
     ``seed_everything`` of every row; inference_steps: sampler steps (None: the config's); bootstrap: replicates;
     subjects: evaluated (and trained) subjects; configs: the stage-2 stack under the ablation file; extra: CLI
-    overrides for every run."""
+    overrides for every stage-2 run; unit_router: also run the full model on stage-1 encoders with the unit-identity
+    router (fitted here, ``out_dir/stage1``, the world's stage-1 configs with ``moe.scoring: unit``);
+    stage1_epochs / stage1_extra: those fits' epochs (None: the configs') and CLI overrides."""
 
     data_dir: Path
     out_dir: Path
@@ -78,6 +84,9 @@ class AblationStudy:
     subjects: list[str] = field(default_factory=lambda: ["subj01", "subj02", "subj03"])
     configs: list[Path] = field(default_factory=lambda: list(STAGE2_WORLD))
     extra: list[str] = field(default_factory=list)
+    unit_router: bool = True
+    stage1_epochs: int | None = None
+    stage1_extra: list[str] = field(default_factory=list)
 
 
 def study_rows(rows: tuple[str, ...]) -> list[str]:
@@ -88,18 +97,40 @@ def study_rows(rows: tuple[str, ...]) -> list[str]:
     return [r for r in ROWS if r in rows or r == FULL]
 
 
-def row_args(study: AblationStudy, row: str) -> list[str]:
-    """CLI arguments of one row's fit: the stack + ``<row>.yaml``, logging to ``out/runs/<row>/run``."""
-    return [*cli_args([*study.configs, ABLATIONS / f"{row}.yaml"], Path(study.out_dir) / "runs", row),
+def row_args(study: AblationStudy, row: str, encoders: dict[str, Path] | None = None) -> list[str]:
+    """CLI arguments of one row's fit: the stack + ``<row>.yaml`` (the unit-router row: the full model's, on
+    ``encoders``), logging to ``out/runs/<row>/run``."""
+    encoders = encoders or {"clip_image": study.image_encoder, "clip_text": study.text_encoder}
+    config = ABLATIONS / f"{FULL if row == UNIT_ROUTER else row}.yaml"
+    return [*cli_args([*study.configs, config], Path(study.out_dir) / "runs", row),
             f"--seed_everything={study.seed}", f"--trainer.max_epochs={study.epochs}",
             f"--data.init_args.data_dir={study.data_dir}",
             f"--data.init_args.subjects=[{', '.join(study.subjects)}]",
             f"--model.init_args.sdxl_dir={study.world}",
             f"--model.init_args.ip_adapter_weights={Path(study.world) / 'ip_adapter.safetensors'}",
-            f"--model.init_args.image_encoder={study.image_encoder}",
-            f"--model.init_args.text_encoder={study.text_encoder}",
+            f"--model.init_args.image_encoder={encoders['clip_image']}",
+            f"--model.init_args.text_encoder={encoders['clip_text']}",
             *([f"--model.init_args.inference_steps={study.inference_steps}"] if study.inference_steps else []),
             *study.extra]
+
+
+def unit_router_encoders(study: AblationStudy) -> dict[str, Path]:
+    """{target: last.ckpt}: the stage-1 encoders of both targets with the unit-identity router, fitted (or read
+    back) under ``out_dir/stage1/<target>_unit`` with the world's stage-1 configs, data and subjects."""
+    from experiments.world.validate import stage1_width_overrides
+
+    out = {}
+    for target in ("clip_image", "clip_text"):
+        overrides = [f"--data.init_args.data_dir={study.data_dir}",
+                     f"--data.init_args.subjects=[{', '.join(study.subjects)}]",
+                     f"--data.init_args.targets={{{target}: {Path(study.data_dir).resolve() / 'targets' / target}}}",
+                     f"--model.init_args.target={target}", "--model.init_args.moe.init_args.scoring=unit",
+                     f"--seed_everything={study.seed}", *stage1_width_overrides(study.world),
+                     *([f"--trainer.max_epochs={study.stage1_epochs}"] if study.stage1_epochs else []),
+                     *study.stage1_extra]
+        result = fit_and_test(STAGE1_WORLD[target], overrides, Path(study.out_dir) / "stage1", f"{target}_unit")
+        out[target] = Path(result["dir"]) / "checkpoints" / "last.ckpt"
+    return out
 
 
 def fit_row(args: list[str], directory: Path) -> Path:
@@ -162,6 +193,7 @@ def compare(results: dict[str, list]) -> dict[str, Any]:
         entry: dict[str, Any] = {"over_shuffled_clip": difference(mean, control, "clip")}
         if row != FULL:
             entry["vs_full"] = {m: difference(mean, full, m) for m in ROW_METRICS}
+        if row in PAPER_ABLATION and row != FULL:
             entry["directions"] = []
             for ours, paper in COMPARED:
                 mine, theirs = our_direction(entry["vs_full"][ours]), paper_direction(row, paper)
@@ -182,10 +214,17 @@ def run_ablation_study(study: AblationStudy, log=print) -> dict[str, Any]:
         if not Path(path).is_file():
             raise DataFormatError(f"{option}: no stage-1 checkpoint {path} (`make demo` writes the default)")
     rows, recon, timing = study_rows(study.rows), {}, {}
+    encoders: dict[str, dict[str, Path]] = {}
+    if study.unit_router:
+        t = time.perf_counter()
+        log("== stage-1 encoders with the unit-identity router (moe.scoring: unit), both targets")
+        encoders[UNIT_ROUTER] = unit_router_encoders(study)
+        timing["stage1 unit_router"] = time.perf_counter() - t
+        rows.append(UNIT_ROUTER)
     for row in rows:
         t = time.perf_counter()
-        args = row_args(study, row)
-        log(f"== {row} ({LABELS[row]}): fit {study.epochs} epochs, seed {study.seed}")
+        args = row_args(study, row, encoders.get(row))
+        log(f"== {row} ({LABELS.get(row, UNIT_LABEL)}): fit {study.epochs} epochs, seed {study.seed}")
         checkpoint = fit_row(args, run_dir(out / "runs", row))
         timing[f"{row} fit"] = time.perf_counter() - t
         conditions = {"predict": []} if row != FULL else {"predict": [], SHUFFLED: [
@@ -207,7 +246,8 @@ def run_ablation_study(study: AblationStudy, log=print) -> dict[str, Any]:
                                                                           r.intervals.items()},
                                          "num_images": r.num_images} for r in per_subject}
                        for row, per_subject in results.items()},
-              "comparison": compare(results), "labels": {**LABELS, SHUFFLED: "shuffled brains (control)"},
+              "comparison": compare(results),
+              "labels": {**LABELS, UNIT_ROUTER: UNIT_LABEL, SHUFFLED: "shuffled brains (control)"},
               "metrics": list(ROW_METRICS), "paper": {"source": PAPER_SOURCE, "table": PAPER_ABLATION,
                                                       "compared": [list(c) for c in COMPARED]},
               "reconstructions": {r: str(recon[r]) for r in order},

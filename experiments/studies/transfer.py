@@ -66,7 +66,8 @@ def _data_args(study: TransferStudy, subjects: list[str], sessions: int | None) 
 
 
 def run_transfer_study(study: TransferStudy) -> dict[str, Any]:
-    """Run (or read back) the study's runs; writes and returns ``{"rows", "ratio_to_full", "gain_over_same",
+    """Run (or read back) the study's runs; writes ``transfer_study.json`` / ``.csv`` / ``.png`` and ``report.md``
+    and returns ``{"rows", "ratio_to_full", "gain_over_same",
     "study", "provenance"}`` (rows: run, subjects, sessions, trainable parts and counts, test top-1)."""
     unknown = sorted(set(study.runs) - set(RUNS))
     if unknown:
@@ -126,6 +127,9 @@ def run_transfer_study(study: TransferStudy) -> dict[str, Any]:
             row["reconstruction"] = record["reconstructions"]["rows"].get(row["run"])
     record["provenance"] = provenance(data_dir=str(study.data_dir), subjects=[*study.source_subjects, new])
     write_json_atomic(out / "transfer_study.json", record)
+    from experiments.studies.transfer_report import write_outputs
+
+    write_outputs(record, out)
     return record
 
 
