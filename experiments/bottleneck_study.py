@@ -5,7 +5,8 @@
 
 On the demo's data (``make demo`` caches the world CLIP's targets there) and the learned world: per width b (and
 the unbottlenecked reference) the stage-1 encoders of the stage-2 branches (``model.b_size`` b) and reduced-rank
-ridge of rank b; one stage 2 fitted on the reference encoders reconstructs the test images from every width's
+ridge of rank b, the brain rows once per router scoring (the reference value router and the unit-identity router,
+side by side); one stage 2 fitted on the reference encoders reconstructs the test images from every width's
 embeddings (experiments/studies/bottleneck_sweep.py). Everything after ``--`` is passed to every fit of both
 stages. Writes to --out: bottleneck_study.json / .csv / .png and report.md; finished steps are reused.
 """
@@ -17,7 +18,6 @@ import sys
 from pathlib import Path
 
 from experiments.studies.bottleneck_sweep import BottleneckStudy, run_bottleneck_study
-from experiments.studies.runs import STAGE2_WORLD
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,12 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", default=str(d.world), help="the learned world")
     p.add_argument("--widths", type=int, nargs="+", default=list(d.widths), help="bottleneck widths b")
     p.add_argument("--subjects", nargs="+", default=d.subjects)
-    p.add_argument("--config", action="append", help="stage-2 config stack (default: the demo's)")
+    p.add_argument("--scorings", nargs="+", default=list(d.scorings), choices=("value", "unit"),
+                   help="router scorings of the brain rows (stage 2 is fitted on the first one's encoders)")
+    p.add_argument("--config", action="append",
+                   help="stage-2 config stack (default: the world's image branch alone with both routers, the "
+                        "ablation row Image only (TS); its branches decide which targets get stage-1 fits)")
     p.add_argument("--stage1-epochs", type=int, default=None, help="default: the world configs'")
     p.add_argument("--stage2-epochs", type=int, default=None, help="default: the stage-2 config's")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the metrics' intervals")
     args = p.parse_args(argv)
-    configs = [Path(c) for c in args.config] if args.config else list(STAGE2_WORLD)
+    configs = [Path(c) for c in args.config] if args.config else list(d.stage2_configs)
     problems = [f"--config {c} does not exist" for c in configs if not c.is_file()]
     problems += [f"--{k} {v} is not a directory" for k, v in (("data", args.data), ("world", args.world))
                  if not Path(v).is_dir()]
@@ -49,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     study = BottleneckStudy(out_dir=Path(args.out), data_dir=Path(args.data),
                             targets=Path(args.targets) if args.targets else None, world=Path(args.world),
                             widths=tuple(args.widths), subjects=list(args.subjects), stage2_configs=configs,
+                            scorings=tuple(dict.fromkeys(args.scorings)),
                             stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs,
                             overrides=overrides, bootstrap=args.bootstrap)
     record = run_bottleneck_study(study)

@@ -1,6 +1,6 @@
 """The bottleneck study end to end on the reduced world (its command, subject 1, the image branch alone, width 1
 against the unbottlenecked reference): outputs written with provenance, and the directions a width-1 bottleneck
-guarantees. Measured here: embedding test top-1 0.40 -> 0.05 (brain), 0.70 -> 0.15 (ridge); reconstructions'
+guarantees, for both routers. Measured here (value router): embedding test top-1 0.40 -> 0.05 (brain), 0.70 -> 0.15 (ridge); reconstructions'
 CLIP cosine 0.260 -> 0.212 (brain), 0.482 -> 0.439 (ridge), ceiling 0.669, shuffled -0.016."""
 
 from __future__ import annotations
@@ -40,14 +40,16 @@ def test_the_study_writes_its_table_figure_report_and_provenance(study):
     assert record["widths"] == ["b1", "full"] and record["branches"] == ["image"]
     assert {"git_commit", "package_versions", "subjects"} <= set(record["provenance"])
     assert "The paper's claim" in record["summary"]["verdict"]
-    assert "| brain | b1 |" in (out / "report.md").read_text()
+    assert record["decoders"] == ["brain", "brain_unit", "ridge"]  # both routers side by side, then the ridge
+    report = (out / "report.md").read_text()
+    assert "| brain (MoE, value router) | b1 |" in report and "| brain (MoE, unit router) | b1 |" in report
 
 
 def test_a_width_one_bottleneck_loses_what_the_reference_decodes(study):
     """A width-1 adapter (and a rank-1 ridge) carries one number per trial: its embeddings identify far fewer
     test images, and the fixed stage 2's reconstructions from them are further from their images."""
     table = {(r["decoder"], r["width"]): r for r in study["record"]["summary"]["table"]}
-    for decoder in ("brain", "ridge"):
+    for decoder in ("brain", "brain_unit", "ridge"):
         assert table[(decoder, "b1")]["clip_image_stage1_top1"] < table[(decoder, "full")]["clip_image_stage1_top1"]
     cosine = {w: table[("brain", w)]["clip_cosine"] + table[("ridge", w)]["clip_cosine"] for w in ("b1", "full")}
     assert cosine["b1"] < cosine["full"], cosine

@@ -7,7 +7,9 @@ through the same width, reduced-rank ridge of rank ``b`` (``baselines.ridge.Rank
 on the reference encoders and kept fixed: each width's encoders (``brain``) and ridge predictions (``ridge``) go
 through it, as the demo's ridge row does, so only the information reaching the generator changes. Every row's
 test reconstructions are scored by the evaluation suite (PixCorr, SSIM, CLIP two-way, N-way, CLIP cosine with
-the world's CLIP), with the ceiling (true embeddings) and shuffled brains as the bounds. The paper's claim: the
+the world's CLIP), with the ceiling (true embeddings) and shuffled brains as the bounds. The brain rows come once
+per router scoring (``scorings``: the reference ``value`` router, on whose encoders stage 2 is fitted, and the
+unit-identity ``unit`` router, decoder ``brain_unit``), side by side. The paper's claim: the
 MoRE-Brain reconstructions lose the most under a narrow bottleneck, while MindEye2 keeps CLIP cosine near 0.8
 (leaning on its prior). Finished fits, ridge predictions and reconstructions are read back, so a rerun resumes.
 """
@@ -22,7 +24,7 @@ from typing import Any
 from datamodules.common import DataFormatError, provenance, write_json_atomic
 from experiments.studies.ablations import fit_row, predicted
 from experiments.studies.reconstruction_rows import evaluate_rows, predict_rows, tables_override
-from experiments.studies.runs import REPO, STAGE1_WORLD, STAGE2_WORLD, cli_args, fit_and_test, run_dir
+from experiments.studies.runs import REPO, STAGE1_WORLD, STAGE2_WORLD_BRANCH, cli_args, fit_and_test, run_dir
 
 BRANCH_TARGET = {"image": "clip_image", "text": "clip_text"}
 ENCODER_OPTION = {"image": "image_encoder", "text": "text_encoder"}
@@ -35,8 +37,10 @@ class BottleneckStudy:
     """out_dir: runs and results; data_dir: the dataset; targets: the world CLIP's target caches (default:
     ``data_dir/targets``, where ``make demo`` leaves them); world: the learned world; widths: the bottleneck widths (the unbottlenecked reference is always
     run); subjects: fitted and evaluated; stage2_configs: the stage-2 stack (its branches decide which targets get
-    stage-1 fits); stage1_epochs / stage2_epochs: None keeps the configs'; overrides: CLI overrides of every fit of
-    both stages; stage1_overrides / stage2_overrides: of one stage only; bootstrap: replicates of the intervals."""
+    stage-1 fits); scorings: the routers' unit scorings of the brain rows (``model.moe.scoring``; stage 2 is fitted
+    on the first one's encoders); stage1_epochs / stage2_epochs: None keeps the configs'; overrides: CLI overrides
+    of every fit of both stages; stage1_overrides / stage2_overrides: of one stage only; bootstrap: replicates of
+    the intervals."""
 
     out_dir: Path
     data_dir: Path = REPO / "data/synthetic"
@@ -44,7 +48,8 @@ class BottleneckStudy:
     world: Path = REPO / "experiments/world/default"
     widths: tuple[int, ...] = (1, 4, 16)
     subjects: list[str] = field(default_factory=lambda: ["subj01", "subj02", "subj03"])
-    stage2_configs: list[Path] = field(default_factory=lambda: list(STAGE2_WORLD))
+    stage2_configs: list[Path] = field(default_factory=lambda: list(STAGE2_WORLD_BRANCH["clip_image"]))
+    scorings: tuple[str, ...] = ("value", "unit")
     stage1_epochs: int | None = None
     stage2_epochs: int | None = None
     overrides: list[str] = field(default_factory=list)
@@ -53,7 +58,7 @@ class BottleneckStudy:
     bootstrap: int = 200
 
     def target_dir(self, target: str) -> Path:
-        return Path(self.targets or Path(self.data_dir) / "targets") / target
+        return Path(self.targets or Path(self.data_dir) / "targets").resolve() / target  # data.targets: absolute
 
     def all_widths(self) -> list[int | None]:
         return [*sorted(set(self.widths)), None]
@@ -61,6 +66,16 @@ class BottleneckStudy:
 
 def width_name(b: int | None) -> str:
     return "full" if b is None else f"b{b}"
+
+
+def brain_decoder(scoring: str) -> str:
+    """The decoder name of a router scoring's brain rows: ``brain`` (the reference ``value``), ``brain_<scoring>``."""
+    return "brain" if scoring == "value" else f"brain_{scoring}"
+
+
+def stage1_name(target: str, b: int | None, scoring: str) -> str:
+    """``<target>_<width>`` for the reference router, ``<target>_<width>_<scoring>`` for another."""
+    return f"{target}_{width_name(b)}" + ("" if scoring == "value" else f"_{scoring}")
 
 
 def branches(study: BottleneckStudy) -> list[str]:
@@ -79,20 +94,21 @@ def _data(study: BottleneckStudy, target: str | None = None) -> list[str]:
     return args
 
 
-def stage1_overrides(study: BottleneckStudy, target: str, b: int | None) -> list[str]:
+def stage1_overrides(study: BottleneckStudy, target: str, b: int | None, scoring: str = "value") -> list[str]:
     from experiments.world.validate import stage1_width_overrides
 
     return [*_data(study, target), f"--model.init_args.b_size={'null' if b is None else b}",
+            f"--model.init_args.moe.init_args.scoring={scoring}",
             *stage1_width_overrides(study.world),
             *([f"--trainer.max_epochs={study.stage1_epochs}"] if study.stage1_epochs else []),
             *study.overrides, *study.stage1_overrides]
 
 
-def fit_stage1(study: BottleneckStudy, target: str, b: int | None) -> dict[str, Any]:
-    """Fit and test the width-``b`` encoder of ``target`` -> {"checkpoint", "metrics": mean test metrics}."""
-    name = f"{target}_{width_name(b)}"
-    result = fit_and_test(STAGE1_WORLD[target], stage1_overrides(study, target, b), Path(study.out_dir) / "stage1",
-                          name)
+def fit_stage1(study: BottleneckStudy, target: str, b: int | None, scoring: str = "value") -> dict[str, Any]:
+    """Fit and test the width-``b`` encoder of ``target`` with the router's ``scoring`` -> {"checkpoint",
+    "metrics": mean test metrics}."""
+    result = fit_and_test(STAGE1_WORLD[target], stage1_overrides(study, target, b, scoring),
+                          Path(study.out_dir) / "stage1", stage1_name(target, b, scoring))
     metrics = result["metrics"]
     return {"checkpoint": str(Path(result["dir"]) / "checkpoints" / "last.ckpt"),
             "metrics": {m: metrics.get(f"test/{m}", _mean(metrics, m)) for m in STAGE1_METRICS}}
@@ -137,8 +153,10 @@ def conditions(study: BottleneckStudy, stage1: dict, ridge: dict, used: list[str
             "shuffled": ["--model.init_args.shuffle_conditions=true"]}
     for b in study.all_widths():
         w = width_name(b)
-        rows[f"brain_{w}"] = [f"--model.init_args.{ENCODER_OPTION[br]}={stage1[(BRANCH_TARGET[br], w)]['checkpoint']}"
-                              for br in used]
+        for scoring in study.scorings:
+            encoders = {br: stage1[stage1_name(BRANCH_TARGET[br], b, scoring)]["checkpoint"] for br in used}
+            rows[f"{brain_decoder(scoring)}_{w}"] = [f"--model.init_args.{ENCODER_OPTION[br]}={path}"
+                                                     for br, path in encoders.items()]
         rows[f"ridge_{w}"] = [tables_override({br: ridge[(BRANCH_TARGET[br], w)]["dir"] for br in used})]
     return rows
 
@@ -151,6 +169,9 @@ def run_bottleneck_study(study: BottleneckStudy, log=print) -> dict[str, Any]:
     start, out = time.perf_counter(), Path(study.out_dir)
     if any(b < 1 for b in study.widths):
         raise DataFormatError(f"--widths: every width must be at least 1, got {list(study.widths)}")
+    if not study.scorings or len(set(study.scorings)) != len(study.scorings) \
+            or not set(study.scorings) <= {"value", "unit"}:
+        raise DataFormatError(f"--scorings: distinct values among value, unit, got {list(study.scorings)}")
     used = branches(study)
     targets = [BRANCH_TARGET[b] for b in used]
     for target in targets:
@@ -160,14 +181,19 @@ def run_bottleneck_study(study: BottleneckStudy, log=print) -> dict[str, Any]:
     stage1, ridge, timing = {}, {}, {}
     for b in study.all_widths():
         for target in targets:
+            for scoring in study.scorings:
+                t, name = time.perf_counter(), stage1_name(target, b, scoring)
+                log(f"== stage 1, {target}, width {width_name(b)}, scoring {scoring}: fit, test")
+                stage1[name] = fit_stage1(study, target, b, scoring)
+                timing[f"stage1 {name}"] = time.perf_counter() - t
             t = time.perf_counter()
-            log(f"== stage 1, {target}, width {width_name(b)}: fit, test, rank-matched ridge")
-            stage1[(target, width_name(b))] = fit_stage1(study, target, b)
+            log(f"== rank-matched ridge, {target}, width {width_name(b)}")
             ridge[(target, width_name(b))] = ridge_predictions(study, target, b)
-            timing[f"stage1 {target} {width_name(b)}"] = time.perf_counter() - t
+            timing[f"ridge {target} {width_name(b)}"] = time.perf_counter() - t
     t = time.perf_counter()
-    log("== stage 2 on the unbottlenecked encoders (kept fixed for every width)")
-    args = stage2_args(study, {b: stage1[(BRANCH_TARGET[b], "full")]["checkpoint"] for b in used})
+    log(f"== stage 2 on the unbottlenecked encoders of the {study.scorings[0]} router (kept fixed for every row)")
+    args = stage2_args(study, {b: stage1[stage1_name(BRANCH_TARGET[b], None, study.scorings[0])]["checkpoint"]
+                               for b in used})
     checkpoint = fit_row(args, run_dir(out, "stage2"))
     timing["stage2 fit"] = time.perf_counter() - t
     recon = {}
@@ -186,10 +212,11 @@ def run_bottleneck_study(study: BottleneckStudy, log=print) -> dict[str, Any]:
     timing["evaluate"] = time.perf_counter() - t
     record: dict[str, Any] = {
         "widths": [width_name(b) for b in study.all_widths()], "branches": used, "metrics": list(METRICS),
+        "targets": targets, "decoders": [*(brain_decoder(s) for s in study.scorings), "ridge"],
         "rows": {row: {r.subject: {"values": r.values, "intervals": {k: list(v) for k, v in r.intervals.items()},
                                    "num_images": r.num_images} for r in per_subject}
                  for row, per_subject in results.items()},
-        "stage1": {f"{t}_{w}": v for (t, w), v in stage1.items()},
+        "stage1": stage1,
         "ridge": {f"{t}_{w}": v for (t, w), v in ridge.items()},
         "reconstructions": {r: str(d) for r, d in recon.items()},
         "study": {k: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v

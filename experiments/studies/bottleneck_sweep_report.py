@@ -12,27 +12,39 @@ from experiments.interpretability.outputs import write_csv, write_figure
 DECODERS = ("brain", "ridge")
 LABELS = {"pixcorr": "PixCorr", "ssim": "SSIM", "clip": "CLIP 2-way", "clip_top1": "CLIP top-1",
           "clip_cosine": "CLIP cos"}
-JUDGED = ("clip_cosine", "clip", "ssim")  # the paper's bottleneck plots: CLIP cosine; then two-way and SSIM
+JUDGED = ("clip_cosine", "clip", "ssim")
+DECODER_LABELS = {"brain": "brain (MoE, value router)", "brain_unit": "brain (MoE, unit router)",
+                  "ridge": "ridge, rank b (MindEye2-style)"}  # the paper's bottleneck plots: CLIP cosine; then two-way and SSIM
 
 
 def _mean_values(record: dict[str, Any], row: str) -> dict[str, float]:
     return record["rows"][row]["mean"]["values"]
 
 
+def decoders(record: dict[str, Any]) -> list[str]:
+    """The record's decoders: the brain rows per router scoring, then the ridge."""
+    return list(record.get("decoders", DECODERS))
+
+
+def _stage1_key(decoder: str, target: str, width: str) -> str:
+    scoring = decoder.removeprefix("brain").removeprefix("_")
+    return f"{target}_{width}" + (f"_{scoring}" if scoring else "")
+
+
 def summarise(record: dict[str, Any]) -> dict[str, Any]:
     """{"table": [{decoder, width, metrics..., stage1 / ridge retrieval}], "bounds": ceiling and shuffled values,
     "drops": per decoder and judged metric, reference minus narrowest width (and as a share of the reference's
-    margin over shuffled), "verdict": does the brain decoder lose more than the ridge?}"""
+    margin over shuffled), "verdict": does each brain decoder lose more than the ridge?}"""
     widths, metrics = record["widths"], record["metrics"]
-    targets = sorted({k.rsplit("_", 1)[0] for k in record["stage1"]})
+    targets = record.get("targets") or sorted({k.rsplit("_", 1)[0] for k in record["stage1"]})
     table = []
-    for decoder in DECODERS:
+    for decoder in decoders(record):
         for w in widths:
             values = _mean_values(record, f"{decoder}_{w}")
             row = {"decoder": decoder, "width": w, **{m: values[m] for m in metrics}}
             for t in targets:
-                if decoder == "brain":
-                    row[f"{t}_stage1_top1"] = record["stage1"][f"{t}_{w}"]["metrics"]["fwd_top1"]
+                if decoder != "ridge":
+                    row[f"{t}_stage1_top1"] = record["stage1"][_stage1_key(decoder, t, w)]["metrics"]["fwd_top1"]
                 else:
                     per = record["ridge"][f"{t}_{w}"]["results"]
                     row[f"{t}_stage1_top1"] = sum(r["fwd_top1"] for r in per.values()) / len(per)
@@ -40,24 +52,32 @@ def summarise(record: dict[str, Any]) -> dict[str, Any]:
     bounds = {b: _mean_values(record, b) for b in ("ceiling", "shuffled")}
     narrow, reference = widths[0], widths[-1]
     drops: dict[str, dict[str, dict[str, float]]] = {}
-    for decoder in DECODERS:
+    for decoder in decoders(record):
         ref, low = _mean_values(record, f"{decoder}_{reference}"), _mean_values(record, f"{decoder}_{narrow}")
         drops[decoder] = {}
         for m in JUDGED:
             margin = ref[m] - bounds["shuffled"][m]
             drops[decoder][m] = {"reference": ref[m], "narrowest": low[m], "drop": ref[m] - low[m],
                                  "share_of_margin": (ref[m] - low[m]) / margin if abs(margin) > 1e-9 else None}
-    brain_more = {m: drops["brain"][m]["drop"] > drops["ridge"][m]["drop"] for m in JUDGED}
-    verdict = (f"from {reference} to width {narrow[1:]}: the brain decoder loses "
-               + ", ".join(f"{LABELS[m]} {drops['brain'][m]['drop']:+.3g}" for m in JUDGED)
-               + "; the ridge loses " + ", ".join(f"{LABELS[m]} {drops['ridge'][m]['drop']:+.3g}" for m in JUDGED)
+    brains = [d for d in decoders(record) if d != "ridge"]
+    more = {d: {m: drops[d][m]["drop"] > drops["ridge"][m]["drop"] for m in JUDGED} for d in brains}
+
+    def lost(decoder: str) -> str:
+        return ", ".join(f"{LABELS[m]} {drops[decoder][m]['drop']:+.3g}" for m in JUDGED)
+
+    def holds(flags: dict[str, bool]) -> str:
+        return ("holds" if all(flags.values()) else "does not hold" if not any(flags.values())
+                else "holds on " + ", ".join(LABELS[m] for m, v in flags.items() if v) + " only")
+    verdict = (f"From {reference} to width {narrow[1:]}: "
+               + "; ".join(f"{DECODER_LABELS.get(d, d)} loses {lost(d)}" for d in decoders(record))
                + ". The paper's claim (MoRE-Brain degrades most) "
-               + ("holds here" if all(brain_more.values()) else "does not hold here" if not any(brain_more.values())
-                  else "holds on " + ", ".join(LABELS[m] for m, v in brain_more.items() if v) + " only")
-               + f"; CLIP cosine at the narrowest width: brain {drops['brain']['clip_cosine']['narrowest']:.3f}, "
-               f"ridge {drops['ridge']['clip_cosine']['narrowest']:.3f}, shuffled "
-               f"{bounds['shuffled']['clip_cosine']:.3f}, ceiling {bounds['ceiling']['clip_cosine']:.3f}.")
-    return {"table": table, "bounds": bounds, "drops": drops, "brain_drops_more": brain_more, "verdict": verdict}
+               + "; ".join(f"{holds(more[d])} for {DECODER_LABELS.get(d, d)}" for d in brains)
+               + ". CLIP cosine at the narrowest width: "
+               + ", ".join(f"{DECODER_LABELS.get(d, d)} {drops[d]['clip_cosine']['narrowest']:.3f}"
+                           for d in decoders(record))
+               + f", shuffled {bounds['shuffled']['clip_cosine']:.3f}, ceiling "
+               f"{bounds['ceiling']['clip_cosine']:.3f}.")
+    return {"table": table, "bounds": bounds, "drops": drops, "brain_drops_more": more, "verdict": verdict}
 
 
 def format_table(summary: dict[str, Any], metrics: list[str]) -> str:
@@ -70,7 +90,7 @@ def format_table(summary: dict[str, Any], metrics: list[str]) -> str:
     def cell(m: str, v: float) -> str:
         return f"{v:.1f}%" if m in ("clip", "clip_top1") else f"{v:.3f}"
     for r in summary["table"]:
-        lines.append("| " + " | ".join([r["decoder"], r["width"], *(cell(m, r[m]) for m in metrics),
+        lines.append("| " + " | ".join([DECODER_LABELS.get(r["decoder"], r["decoder"]), r["width"], *(cell(m, r[m]) for m in metrics),
                                         *(f"{r[k]:.3f}" for k in extra)]) + " |")
     for bound, values in summary["bounds"].items():
         lines.append("| " + " | ".join([bound, "", *(cell(m, values[m]) for m in metrics), *("" for _ in extra)])
@@ -89,10 +109,9 @@ def plot(record: dict[str, Any], path: Path) -> None:
     x = list(range(len(widths)))
     fig, axes = plt.subplots(1, len(JUDGED), figsize=(4 * len(JUDGED), 3.4))
     for ax, m in zip(axes, ("ssim", "clip", "clip_cosine")):
-        for decoder, style in zip(DECODERS, ("o-", "s--")):
+        for decoder, style in zip(decoders(record), ("o-", "^-", "s--", "d:")):
             rows = {r["width"]: r for r in summary["table"] if r["decoder"] == decoder}
-            ax.plot(x, [rows[w][m] for w in widths], style, label=f"{decoder} (MoE)" if decoder == "brain"
-                    else "ridge, rank b (MindEye2-style)")
+            ax.plot(x, [rows[w][m] for w in widths], style, label=DECODER_LABELS.get(decoder, decoder))
         for bound, ls in (("ceiling", ":"), ("shuffled", "-.")):
             ax.axhline(summary["bounds"][bound][m], color="grey", lw=0.9, ls=ls, label=bound)
         ax.set_xticks(x, [w.removeprefix("b") for w in widths])
