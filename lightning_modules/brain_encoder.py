@@ -19,6 +19,7 @@ from torch import nn
 
 from datamodules.common import provenance
 from datamodules.shard_format import FORMAT_VERSION
+from lightning_modules.adamw import AdamWImpl, adamw
 from lightning_modules.components.diffusion_prior import DiffusionPrior
 from lightning_modules.components.losses import mixco_inputs
 from lightning_modules.components.moe_encoder import HierarchicalMoE, MoEOutput
@@ -96,7 +97,7 @@ class BrainEncoderModule(L.LightningModule):
                  balance_scale: float = 0.0, mixup_pct: float = 0.33, mixco_temperature: float = 0.03,
                  softclip_temperature: tuple[float, float] = (0.02, 0.0375), supervise_levels: bool = False,
                  prior_inputs: list[PriorInput] | None = None, prior_expert_weight: float = 1.0, lr: float = 3e-4, weight_decay: float = 1e-2,
-                 adamw_impl: Literal["fused", "foreach", "plain"] = "fused",
+                 adamw_impl: AdamWImpl = "fused",
                  lr_scheduler: LRSchedulerCallable | None = None, onecycle_pct_start: float | None = None,
                  onecycle_final_div: float = 1000.0, repeat_average: Literal["output", "input"] = "output",
                  retrieval_candidates: int = 300, retrieval_draws: int = 30, eval_prior_steps: int | None = None,
@@ -251,8 +252,7 @@ class BrainEncoderModule(L.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         groups = decay_groups(self, h.weight_decay)
-        impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {"foreach": False}}[h.adamw_impl]
-        optimizer = torch.optim.AdamW(groups, lr=h.lr, **impl)
+        optimizer = adamw(groups, h.lr, h.weight_decay, h.adamw_impl)
         if self.lr_scheduler_factory is not None:
             scheduler = self.lr_scheduler_factory(optimizer)
         else:

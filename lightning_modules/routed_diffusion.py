@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric
 from datamodules.common import provenance
 from datamodules.shard_format import FORMAT_VERSION
 from lightning_modules import frozen_sdxl, routed_sampling, sdxl_loading, stage1_conditions, stage2_parts
+from lightning_modules.adamw import AdamWImpl, adamw
 from lightning_modules.components.brain_prompt import PooledMode, PromptMode
 from lightning_modules.components.injection import ImageTokenProjection, install_processors
 from lightning_modules.components.level_prior import KLDirection
@@ -55,7 +56,7 @@ class RoutedDiffusionModule(RoutedConditioning, L.LightningModule):
             encode images with the VAE ([-1, 1] input, the VAE's scaling factor).
         snr_gamma: min-SNR-gamma weighting (None: plain MSE); noise_offset: offset noise.
         kl_weight / kl_sigma / kl_t_lo / kl_t_hi / kl_direction: KL(temporal router || Gaussian over levels).
-        lr / weight_decay / warmup_steps / lr_scheduler: AdamW, constant with linear warmup unless given.
+        lr / weight_decay / adamw_impl / warmup_steps / lr_scheduler: AdamW (``adamw``), warmup then constant if not given.
         frozen_dtype: dtype of the frozen UNet and stage-1 encoders (trained parameters stay float32).
         gradient_checkpointing: UNet activation checkpointing.
         val_timesteps / val_seed: validation diffusion loss at these timesteps with noise seeded per image
@@ -96,11 +97,11 @@ class RoutedDiffusionModule(RoutedConditioning, L.LightningModule):
                  resolution: int | None = None, latents_key: str | None = None, snr_gamma: float | None = 1.5,
                  noise_offset: float = 0.0, kl_weight: float = 0.1, kl_sigma: float = 1.0, kl_t_lo: float = 0.0,
                  kl_t_hi: float | None = None, kl_direction: KLDirection = "coarse_first", lr: float = 1e-4,
-                 weight_decay: float = 1e-2, warmup_steps: int = 500, lr_scheduler: LRSchedulerCallable | None = None,
+                 weight_decay: float = 1e-2, adamw_impl: AdamWImpl = "fused", warmup_steps: int = 500,
+                 lr_scheduler: LRSchedulerCallable | None = None,
                  frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
                  gradient_checkpointing: bool = False, val_timesteps: list[int] | None = None, val_seed: int = 0,
-                 sampler: SamplerName = "euler",
-                 inference_steps: int = 50, guidance_scale: float = 5.0,
+                 sampler: SamplerName = "euler", inference_steps: int = 50, guidance_scale: float = 5.0,
                  negative_prompt: str = REFERENCE_NEGATIVE, seed: int = 0, init_from: str | None = None,
                  trainable: list[Stage2Part] | None = None, condition_dropout: float = 0.0,
                  condition_tables: dict[str, str] | None = None, shuffle_conditions: bool = False,
@@ -263,7 +264,7 @@ class RoutedDiffusionModule(RoutedConditioning, L.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
+        optimizer = adamw(params, h.lr, h.weight_decay, h.adamw_impl)
         if self.lr_scheduler_factory is not None:
             scheduler = self.lr_scheduler_factory(optimizer)
         else:

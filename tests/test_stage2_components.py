@@ -152,6 +152,23 @@ def test_regional_prompt_applies_only_to_flagged_rows():
     assert not torch.allclose(out2[1, ~cell0], out[1, ~cell0], atol=1e-6)
 
 
+
+def test_injection_masks_are_built_once_per_size_and_follow_edits():
+    """The cell masks are memoised per attention size; guidance's edits of ``text_rows`` still apply, and new
+    cells or geometry drop the memo."""
+    injection = Injection(grid=2, latent_hw=(4, 4), ip_cells=torch.arange(4), text_cells=torch.tensor([-1, 0, 3]),
+                          text_rows=torch.tensor([True, True]))
+    cpu = torch.device("cpu")
+    first = injection.ip_mask(16, cpu)
+    assert injection.ip_mask(16, cpu) is first and injection.ip_mask(4, cpu).shape == (4, 4)
+    assert injection.text_mask(16, cpu)[0, 0, :, 2].sum() == 4  # token of cell 3: its 4 positions
+    injection.text_rows = torch.tensor([False, True])  # the unconditional half sees the whole prompt
+    assert bool(injection.text_mask(16, cpu)[0].all()) and not bool(injection.text_mask(16, cpu)[1].all())
+    injection.ip_cells = torch.tensor([3, 3, 3, 3])
+    assert injection.ip_mask(16, cpu)[:, 0].sum() == 4 and injection.ip_mask(16, cpu) is not first
+    injection.grid = 1
+    assert bool(injection.ip_mask(16, cpu).eq(False).all())  # one cell (0): no position may see cell 3
+
 def _tiny_unet():
     from diffusers import UNet2DConditionModel
 

@@ -51,7 +51,8 @@ def _stand_in():
     from lightning_modules.routed_diffusion import RoutedDiffusionModule as M
 
     class RoutedCore(nn.Module):
-        route, unet_eps, time_ids, time_embedding = M.route, M.unet_eps, M.time_ids, M.time_embedding
+        route, unet_eps, time_ids, time_embedding, unet_dtype = (M.route, M.unet_eps, M.time_ids, M.time_embedding,
+                                                                 M.unet_dtype)
         diffusion_loss, kl_terms, unconditional = M.diffusion_loss, M.kl_terms, M.unconditional
 
     return RoutedCore

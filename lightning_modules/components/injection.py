@@ -10,6 +10,7 @@ one ``Injection`` object through ``cross_attention_kwargs={"injection": ...}``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,23 @@ class ImageTokenProjection(nn.Module):
         return self.norm(out)
 
 
+@functools.lru_cache(maxsize=256)
+def cell_map(grid: int, latent_hw: tuple[int, int], positions: int, device: torch.device) -> torch.Tensor:
+    """Grid cell (N,) of each of the N positions of an attention layer over a ``latent_hw`` UNet input (row-major,
+    nearest-neighbour; the layer's map is the input halved some times, rounding up). A pure function of the
+    geometry, memoised: every step of a run asks for the same few maps."""
+    h0, w0 = latent_hw
+    for level in range(8):
+        h, w = math.ceil(h0 / 2**level), math.ceil(w0 / 2**level)
+        if h * w == positions:
+            break
+    else:
+        raise ValueError(f"cannot place {positions} attention positions on a {h0} x {w0} latent")
+    rows = torch.arange(h, device=device) * grid // h
+    cols = torch.arange(w, device=device) * grid // w
+    return (rows[:, None] * grid + cols[None]).flatten()
+
+
 @dataclass
 class Injection:
     """What the processors need for one UNet call.
@@ -42,6 +60,8 @@ class Injection:
     ip_cells: (T,) grid cell of every IP token, or None (attended globally). text_cells: (S,) grid cell of every
     prompt position (-1: every cell), or None. text_rows: (B,) rows whose prompt is regional (False on the
     unconditional half of classifier-free guidance). grid: g of the g x g cell map; latent_hw: UNet input size.
+    The cell masks depend on the cells and the layer's size only, so each is built once per attention size (not
+    once per layer); setting ``ip_cells``, ``text_cells``, ``grid`` or ``latent_hw`` drops them.
     """
 
     ip_tokens: torch.Tensor | None = None
@@ -51,37 +71,40 @@ class Injection:
     text_rows: torch.Tensor | None = None
     grid: int = 1
     latent_hw: tuple[int, int] = (1, 1)
-    _cell_maps: dict = field(default_factory=dict, repr=False)
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("ip_cells", "text_cells", "grid", "latent_hw") and "_masks" in self.__dict__:
+            self._masks.clear()
+        super().__setattr__(name, value)
 
     def cell_map(self, positions: int, device: torch.device) -> torch.Tensor:
         """Grid cell (N,) of each of the N positions of an attention layer (row-major, nearest-neighbour)."""
-        if positions not in self._cell_maps:
-            h0, w0 = self.latent_hw
-            for level in range(8):
-                h, w = math.ceil(h0 / 2**level), math.ceil(w0 / 2**level)
-                if h * w == positions:
-                    break
-            else:
-                raise ValueError(f"cannot place {positions} attention positions on a {h0} x {w0} latent")
-            rows = torch.arange(h, device=device) * self.grid // h
-            cols = torch.arange(w, device=device) * self.grid // w
-            self._cell_maps[positions] = (rows[:, None] * self.grid + cols[None]).flatten()
-        return self._cell_maps[positions]
+        return cell_map(self.grid, tuple(self.latent_hw), positions, torch.device(device))
+
+    def _mask(self, kind: str, positions: int, device: torch.device, build) -> torch.Tensor:
+        key = (kind, positions, str(device))
+        if key not in self._masks:
+            self._masks[key] = build(self.cell_map(positions, device))
+        return self._masks[key]
 
     def ip_mask(self, positions: int, device: torch.device) -> torch.Tensor | None:
         """(N, T) bool: position may attend token, or None."""
         if self.ip_cells is None:
             return None
-        return self.cell_map(positions, device)[:, None] == self.ip_cells.to(device)[None]
+        return self._mask("ip", positions, device, lambda cells: cells[:, None] == self.ip_cells.to(device)[None])
 
     def text_mask(self, positions: int, device: torch.device) -> torch.Tensor | None:
         """(B, 1, N, S) bool, or None."""
         if self.text_cells is None:
             return None
-        cells = self.text_cells.to(device)
-        regional = (self.cell_map(positions, device)[:, None] == cells[None]) | (cells[None] < 0)
-        rows = self.text_rows.to(device)[:, None, None, None]
-        return regional[None, None] | ~rows
+
+        def regional(cells: torch.Tensor) -> torch.Tensor:
+            text = self.text_cells.to(device)
+            return (cells[:, None] == text[None]) | (text[None] < 0)
+
+        rows = self.text_rows.to(device)[:, None, None, None]  # read per call: guidance edits the rows
+        return self._mask("text", positions, device, regional)[None, None] | ~rows
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:

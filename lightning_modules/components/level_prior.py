@@ -7,6 +7,7 @@ goes to coarse levels. ``paper``: the paper's mu_t = L t / T on 1-indexed levels
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -39,21 +40,40 @@ def gaussian_level_target(timesteps: torch.Tensor, num_levels: int, sigma: float
 
 def level_kl(router_probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """KL(router || target) = sum_l r_l (log r_l - log p_l), averaged over the batch; (B, L), (B, L) -> scalar."""
+    return kl_to_log_target(router_probs, torch.log(target.float() + eps), eps)
+
+
+def kl_to_log_target(router_probs: torch.Tensor, log_target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``level_kl`` with the target given as log(p + eps) (B, L)."""
     r = router_probs.float()
-    return (r * (torch.log(r + eps) - torch.log(target.float() + eps))).sum(-1).mean()
+    return (r * (torch.log(r + eps) - log_target)).sum(-1).mean()
+
+
+@functools.lru_cache(maxsize=32)
+def _log_target_table(num_levels: int, sigma: float, t_lo: float, t_hi: float, direction: KLDirection,
+                      num_train_timesteps: int, device: torch.device, eps: float = 1e-8) -> torch.Tensor:
+    """(T, L) log(p_l(t) + eps) at every training timestep t = 0 .. T - 1 (``gaussian_level_target``)."""
+    steps = torch.arange(num_train_timesteps, device=device)
+    target = gaussian_level_target(steps, num_levels, sigma, t_lo, t_hi, direction, num_train_timesteps)
+    return torch.log(target + eps)
 
 
 def kl_terms(router_probs: dict[str, torch.Tensor | None], timesteps: torch.Tensor, sigma: float, t_lo: float,
              t_hi: float | None, direction: KLDirection, num_train_timesteps: int) -> dict[str, torch.Tensor]:
     """Per branch, the KL guidance term KL(temporal router's level weights (B, L) || Gaussian over levels at each
     timestep); branches without temporal router probabilities (None) are left out. ``t_hi`` None: the last
-    training timestep count."""
+    training timestep count. Integer training timesteps read the target from a table of every timestep, computed
+    once per setting (the same numbers: one Gaussian per row); other timesteps compute it."""
     out = {}
+    t_hi = t_hi if t_hi is not None else num_train_timesteps
     for branch, probs in router_probs.items():
         if probs is None:
             continue
-        target = gaussian_level_target(timesteps, probs.shape[1], sigma, t_lo,
-                                       t_hi if t_hi is not None else num_train_timesteps, direction,
-                                       num_train_timesteps)
+        if not timesteps.dtype.is_floating_point and timesteps.device.type != "meta":
+            table = _log_target_table(probs.shape[1], float(sigma), float(t_lo), float(t_hi), direction,
+                                      num_train_timesteps, timesteps.device)
+            out[branch] = kl_to_log_target(probs, table[timesteps])
+            continue
+        target = gaussian_level_target(timesteps, probs.shape[1], sigma, t_lo, t_hi, direction, num_train_timesteps)
         out[branch] = level_kl(probs, target)
     return out

@@ -16,9 +16,10 @@ class SpatialRouter(nn.Module):
     The latent is average-pooled to a ``grid`` x ``grid`` map whatever its resolution; each of the G = grid^2 cells
     gives a query Linear(C -> dim) plus a learned cell embedding. Keys are Linear(D -> dim) of the expert
     embeddings plus a learned identity per expert. Softmax over the experts of each level per query gives the
-    routing map; the cell's token is the weighted combination of the level's expert embeddings (values are the
-    embeddings themselves, so tokens stay in the experts' space), scaled by E_l when ``pool`` is ``sum`` (uniform
-    weights then give the level sum) or left as the weighted mean when ``pool`` is ``mean``.
+    routing map (every level in one softmax, the other levels' experts masked out); the cell's token is the
+    weighted combination of the level's expert embeddings (values are the embeddings themselves, so tokens stay in
+    the experts' space), scaled by E_l when ``pool`` is ``sum`` (uniform weights then give the level sum) or left
+    as the weighted mean when ``pool`` is ``mean``.
     """
 
     def __init__(self, latent_channels: int, embed_dim: int, num_experts: list[int], grid: int = 4, dim: int = 256,
@@ -30,6 +31,12 @@ class SpatialRouter(nn.Module):
         self.key = nn.Linear(embed_dim, dim)
         self.expert_embedding = nn.Parameter(torch.randn(sum(num_experts), dim) * 0.02)
         self.scale = 1.0 / (math.sqrt(dim) * temperature)
+        level = torch.tensor([lv for lv, count in enumerate(num_experts) for _ in range(count)])  # (sum E,)
+        # (L, 1, sum E): 0 on the level's own experts, -inf elsewhere, so one softmax routes every level at once
+        own = level[None, None] == torch.arange(len(num_experts))[:, None, None]
+        self.register_buffer("level_bias", torch.where(own, 0.0, float("-inf")), persistent=False)
+        scale = torch.tensor(num_experts, dtype=torch.float32) if pool == "sum" else torch.ones(len(num_experts))
+        self.register_buffer("level_scale", scale[:, None, None], persistent=False)  # (L, 1, 1)
 
     def forward(self, latents: torch.Tensor, experts: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         dtype = self.query.weight.dtype
@@ -38,11 +45,9 @@ class SpatialRouter(nn.Module):
         everything = torch.cat(experts, 1).to(dtype)  # (B, sum E, D)
         k = self.key(everything) + self.expert_embedding
         scores = (q @ k.transpose(1, 2)) * self.scale  # (B, G, sum E)
-        tokens, maps, start = [], [], 0
-        for count, values in zip(self.num_experts, experts):
-            w = scores[..., start:start + count].softmax(-1)  # (B, G, E_l)
-            token = w @ values.to(dtype)
-            tokens.append(token * count if self.pool == "sum" else token)
-            maps.append(w)
-            start += count
-        return torch.stack(tokens, 1), maps
+        weights = (scores[:, None] + self.level_bias.to(dtype)).softmax(-1)  # (B, L, G, sum E), 0 off the level
+        tokens = (weights @ everything[:, None]) * self.level_scale.to(dtype)  # (B, L, G, D)
+        starts = [sum(self.num_experts[:level]) for level in range(len(self.num_experts))]
+        maps = [weights[:, level, :, start:start + count]
+                for level, (start, count) in enumerate(zip(starts, self.num_experts))]
+        return tokens, maps
