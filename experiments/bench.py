@@ -1,6 +1,7 @@
 """Run the benchmarks and write their JSON results (``make bench``).
 
-    python -m experiments.bench [--only data stage1 stage2 conditions callbacks slurm] [--out bench_results] [--work data/bench]
+    python -m experiments.bench [--only data stage1 stage2 conditions callbacks startup slurm] [--out bench_results]
+                                [--work data/bench]
 
 data:   train loader vs a bare webdataset decode loop over the same shards; peak memory vs sessions.
 stage1: paper-scale encoder (V 15724, H 4096, 2-4-8-16, B 24, fp32, 2 threads) train step and eval forward vs
@@ -12,6 +13,8 @@ conditions: stage-2 step with the paper's conditioning (both branches through th
         the tiny configs and extrapolated to paper scale by parameter bytes (with the cache, and before it).
 callbacks: the monitoring callbacks' share of fit time on the tiny stage-1 and stage-2 configs (hooks timed in
         a run with them; wall time of the same fit without them).
+startup: ``python -m experiments.run --help`` in fresh processes against ``python -c "import lightning"`` (and
+        torch, and the bare interpreter), medians of interleaved starts.
 slurm:  (only when asked: it installs and starts a local Slurm, as root) wall time of the tiny stage-1 array round
         trip (submit -> all tasks done) vs an empty array and one task run without Slurm.
 """
@@ -30,8 +33,9 @@ from experiments.benchmarks import data_loader, stage1_encoder, stage2_step
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=("data", "stage1", "stage2", "conditions", "callbacks", "slurm"),
-                        default=["data", "stage1", "stage2", "conditions", "callbacks"],
+    parser.add_argument("--only", nargs="+", choices=("data", "stage1", "stage2", "conditions", "callbacks", "startup",
+                                                  "slurm"),
+                        default=["data", "stage1", "stage2", "conditions", "callbacks", "startup"],
                         help="slurm is not a default: it starts Slurm daemons (make bench includes it)")
     parser.add_argument("--out", default="bench_results", help="directory for the JSON results")
     parser.add_argument("--work", default="data/bench", help="where the benchmark data is generated (kept)")
@@ -54,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
 
         results["callback_overhead"] = {**callback_overhead.run(Path(args.work) / "callbacks"),
                                         "provenance": provenance()}
+    if "startup" in args.only:
+        from experiments.benchmarks import startup
+
+        results["startup"] = {**startup.run(), "provenance": provenance()}
     if "slurm" in args.only:
         from experiments.benchmarks.slurm_round_trip import slurm_round_trip
 
