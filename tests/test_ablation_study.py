@@ -32,7 +32,8 @@ def study(reduced_world, small_data, tmp_path_factory) -> A.AblationStudy:
                                   "--data.init_args.samples_per_epoch=160", "--data.init_args.eval_batch_size=10"],
                            stage1_epochs=12, stage1_extra=["--data.init_args.val_images=8",
                                                            "--trainer.check_val_every_n_epoch=100",
-                                                           f"--data.init_args.val_cache_dir={root / 'val1'}"])
+                                                           f"--data.init_args.val_cache_dir={root / 'val1'}"],
+                           targets=targets)  # not small_data/targets: another test may cache the tiny CLIP's there
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import numpy as np
 from datamodules.common import DataFormatError, provenance, write_json_atomic
 from experiments.evaluation.bootstrap import percentile_interval
 from experiments.studies.reconstruction_rows import ROW_METRICS, evaluate_rows, predict_rows
-from experiments.studies.runs import REPO, STAGE1_WORLD, STAGE2_WORLD, cli_args, fit_and_test, run_dir
+from experiments.studies.runs import REPO, STAGE2_WORLD, cli_args, fit_world_encoders, run_dir
 
 ABLATIONS = REPO / "configs/stage2/ablations"
 LABELS = {"text_image_ts": "Text+Image (TS)", "text_only": "Text only", "text_only_ts": "Text only (TS)",
@@ -69,7 +69,8 @@ class AblationStudy:
     subjects: evaluated (and trained) subjects; configs: the stage-2 stack under the ablation file; extra: CLI
     overrides for every stage-2 run; unit_router: also run the full model on stage-1 encoders with the unit-identity
     router (fitted here, ``out_dir/stage1``, the world's stage-1 configs with ``moe.scoring: unit``);
-    stage1_epochs / stage1_extra: those fits' epochs (None: the configs') and CLI overrides."""
+    stage1_epochs / stage1_extra: those fits' epochs (None: the configs') and CLI overrides; targets: the world
+    CLIP's target caches those fits read (default: ``data_dir/targets``, where ``make demo`` leaves them)."""
 
     data_dir: Path
     out_dir: Path
@@ -87,6 +88,7 @@ class AblationStudy:
     unit_router: bool = True
     stage1_epochs: int | None = None
     stage1_extra: list[str] = field(default_factory=list)
+    targets: Path | None = None
 
 
 def study_rows(rows: tuple[str, ...]) -> list[str]:
@@ -117,20 +119,9 @@ def row_args(study: AblationStudy, row: str, encoders: dict[str, Path] | None = 
 def unit_router_encoders(study: AblationStudy) -> dict[str, Path]:
     """{target: last.ckpt}: the stage-1 encoders of both targets with the unit-identity router, fitted (or read
     back) under ``out_dir/stage1/<target>_unit`` with the world's stage-1 configs, data and subjects."""
-    from experiments.world.validate import stage1_width_overrides
-
-    out = {}
-    for target in ("clip_image", "clip_text"):
-        overrides = [f"--data.init_args.data_dir={study.data_dir}",
-                     f"--data.init_args.subjects=[{', '.join(study.subjects)}]",
-                     f"--data.init_args.targets={{{target}: {Path(study.data_dir).resolve() / 'targets' / target}}}",
-                     f"--model.init_args.target={target}", "--model.init_args.moe.init_args.scoring=unit",
-                     f"--seed_everything={study.seed}", *stage1_width_overrides(study.world),
-                     *([f"--trainer.max_epochs={study.stage1_epochs}"] if study.stage1_epochs else []),
-                     *study.stage1_extra]
-        result = fit_and_test(STAGE1_WORLD[target], overrides, Path(study.out_dir) / "stage1", f"{target}_unit")
-        out[target] = Path(result["dir"]) / "checkpoints" / "last.ckpt"
-    return out
+    return fit_world_encoders(Path(study.out_dir) / "stage1", study.data_dir, study.subjects, study.targets,
+                              study.world, "unit", seed=study.seed, epochs=study.stage1_epochs,
+                              extra=study.stage1_extra)
 
 
 def fit_row(args: list[str], directory: Path) -> Path:

@@ -53,6 +53,28 @@ def fit_and_test(configs: list[Path], overrides: list[str], root: Path, name: st
             "parameters": json.loads(parameters.read_text()) if parameters.is_file() else None}
 
 
+def fit_world_encoders(root: Path, data_dir: Path, subjects: list[str], targets: Path | None, world: Path,
+                       scoring: str, targets_to_fit: tuple[str, ...] = ("clip_image", "clip_text"), seed: int = 0,
+                       epochs: int | None = None, extra: list[str] | None = None) -> dict[str, Path]:
+    """{target: last.ckpt}: the world's stage-1 encoders (``STAGE1_WORLD``, widths from ``world``) of each target
+    with the router's unit scoring ``scoring`` (``model.moe.scoring``), fitted and tested (or read back) under
+    ``root/<target>_<scoring>/run``. ``targets``: the world CLIP's target caches (default ``data_dir/targets``,
+    where ``make demo`` leaves them); ``epochs`` None keeps the configs'; ``extra``: more CLI overrides."""
+    from experiments.world.validate import stage1_width_overrides
+
+    cache = Path(targets or Path(data_dir) / "targets").resolve()  # data.targets: absolute
+    out = {}
+    for target in targets_to_fit:
+        overrides = [f"--data.init_args.data_dir={data_dir}", f"--data.init_args.subjects=[{', '.join(subjects)}]",
+                     f"--data.init_args.targets={{{target}: {cache / target}}}", f"--model.init_args.target={target}",
+                     f"--model.init_args.moe.init_args.scoring={scoring}", f"--seed_everything={seed}",
+                     *stage1_width_overrides(world), *([f"--trainer.max_epochs={epochs}"] if epochs else []),
+                     *(extra or [])]
+        result = fit_and_test(STAGE1_WORLD[target], overrides, Path(root), f"{target}_{scoring}")
+        out[target] = Path(result["dir"]) / "checkpoints" / "last.ckpt"
+    return out
+
+
 def test_of_saved_run(directory: Path) -> dict[str, float]:
     """Test metrics of a finished fit in ``directory`` (its ``config.yaml`` and ``checkpoints/last.ckpt``); tested
     now with the saved config when ``test_metrics.json`` is missing (e.g. a Slurm sweep that only fitted)."""
