@@ -82,7 +82,7 @@ world: install ## Train the learned miniature world (CLIP, VAE, SDXL-shaped UNet
 	$(BIN)/python -m experiments.make_world --out data/world
 
 .PHONY: studies
-studies: install ## The studies on the learned world (after make demo): ablations, temporal router, bottleneck, transfer, spatial control
+studies: install ## The studies on the learned world (after make demo): ablations, temporal router, bottleneck, transfer, spatial control (both routers)
 	$(BIN)/python -m experiments.ablation_study --data $(DATA) --out $(LOGS)/ablation_study \
 	--image-encoder $(LOGS)/stage1_world_image/demo/checkpoints/last.ckpt \
 	--text-encoder $(LOGS)/stage1_world_text/demo/checkpoints/last.ckpt
@@ -93,9 +93,13 @@ studies: install ## The studies on the learned world (after make demo): ablation
 	--predict $(LOGS)/stage2_world/demo_brain/reconstructions \
 	--image-encoder $(LOGS)/stage1_world_image/demo/checkpoints/last.ckpt \
 	--text-encoder $(LOGS)/stage1_world_text/demo/checkpoints/last.ckpt
+	$(BIN)/python -m experiments.spatial_control_study --out $(LOGS)/studies/spatial_control_unit --data $(DATA) \
+	--predict $(LOGS)/studies/temporal_router/kl_0.1_unit/test_brain/reconstructions \
+	--image-encoder $(LOGS)/studies/temporal_router/stage1/clip_image_unit/run/checkpoints/last.ckpt \
+	--text-encoder $(LOGS)/studies/temporal_router/stage1/clip_text_unit/run/checkpoints/last.ckpt
 
 bench: install ## Benchmarks; JSON results in bench_results/
-	$(BIN)/python -m experiments.bench --only data stage1 stage2 conditions callbacks slurm --out bench_results --work data/bench
+	$(BIN)/python -m experiments.bench --only data stage1 stage2 conditions callbacks startup slurm --out bench_results --work data/bench
 
 gpu-check: install ## Paper scale on one GPU (<= 8 min): stage-1 fit/forward, SDXL-sized stage-2 steps, generation -> bench_results/gpu_check.json
 	$(BIN)/python -m experiments.gpu_check --out bench_results/gpu_check.json

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from datamodules.target_cache import write_target_cache
 from tests.helpers.world_stage1 import cache_world_targets, fit_world_stage1
@@ -128,8 +129,9 @@ def test_stage2_on_the_world_decodes_brains_beyond_every_control_by_15_points(ro
 
 
 @pytest.fixture(scope="module")
-def temporal_study(stage2_args, tmp_path_factory) -> dict:
-    """The temporal-router study through its command on the reduced world: KL off and at the default weight."""
+def temporal_study(stage2_args, world_targets, tmp_path_factory) -> dict:
+    """The temporal-router study through its command on the reduced world: KL off and at the default weight, on
+    the reference router's stage-1 encoders and on unit-identity ones the study fits."""
     import json
 
     from experiments.temporal_router_study import main
@@ -137,7 +139,8 @@ def temporal_study(stage2_args, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("temporal_study")
     overrides = [a for a in stage2_args if a.startswith("--") and a != "--config" and "logger" not in a
                  and not a.endswith(".yaml")]
-    assert main(["--out", str(out), "--bootstrap", "0", "--", *overrides]) == 0
+    assert main(["--out", str(out), "--bootstrap", "0", "--scorings", "value", "unit", "--targets",
+                 str(world_targets), "--stage1-epochs", "12", "--", *overrides]) == 0
     return {"out": out, "record": json.loads((out / "temporal_router_study.json").read_text())}
 
 
@@ -147,12 +150,15 @@ def test_the_kl_guidance_pulls_the_temporal_router_toward_its_target_and_the_stu
     it ends nearer its target than the one trained without it and than the untrained router they both start from."""
     record, out = temporal_study["record"], temporal_study["out"]
     runs = record["runs"]
-    assert set(runs) == {"untrained", "kl_0", "kl_0.1"}, set(runs)
+    assert set(runs) == {"untrained", "kl_0", "kl_0.1", "kl_0_unit", "kl_0.1_unit"}, set(runs)
     for branch in ("image", "text"):
         kl = {name: run["routers"][branch]["kl_to_target"] for name, run in runs.items()}
-        assert kl["kl_0.1"] < kl["kl_0"] and kl["kl_0.1"] < kl["untrained"], (branch, kl)
+        for suffix in ("", "_unit"):  # whichever stage-1 router feeds it
+            assert kl[f"kl_0.1{suffix}"] < kl[f"kl_0{suffix}"] and kl[f"kl_0.1{suffix}"] < kl["untrained"], (branch, kl)
         assert runs["kl_0.1"]["routers"][branch]["target_spearman_level_vs_t"] < -0.9  # coarse first
-    for name in ("kl_0", "kl_0.1"):
+    unit = yaml.safe_load((out / "kl_0_unit" / "run" / "config.yaml").read_text())["model"]["init_args"]
+    assert unit["image_encoder"] == str(out / "stage1" / "clip_image_unit" / "run" / "checkpoints" / "last.ckpt")
+    for name in ("kl_0", "kl_0.1", "kl_0_unit", "kl_0.1_unit"):
         values = runs[name]["reconstructions"]["values"]
         assert 0.0 <= values["clip"] <= 100.0 and runs[name]["reconstructions"]["num_images"] > 0, values
     assert record["provenance"]["git_commit"]

@@ -28,13 +28,14 @@ def summary_rows(record: dict[str, Any]) -> list[list[Any]]:
     for name, run in record["runs"].items():
         recon = (run.get("reconstructions") or {}).get("values", {})
         for branch, r in run["routers"].items():
-            rows.append([name, "" if run["kl_weight"] is None else run["kl_weight"], branch, r["kl_to_target"],
+            rows.append([name, "" if run["kl_weight"] is None else run["kl_weight"], run.get("scoring") or "",
+                         branch, r["kl_to_target"],
                          r["spearman_level_vs_t"], r["expected_level_clean"], r["expected_level_noisy"],
                          *[recon.get(m, "") for m in RECON_METRICS]])
     return rows
 
 
-SUMMARY_HEADER = ["run", "kl_weight", "branch", "kl_to_target", "spearman_level_vs_t", "expected_level_clean",
+SUMMARY_HEADER = ["run", "kl_weight", "stage1_scoring", "branch", "kl_to_target", "spearman_level_vs_t", "expected_level_clean",
                   "expected_level_noisy", *RECON_METRICS]
 
 
@@ -79,38 +80,43 @@ def report_text(record: dict[str, Any]) -> str:
              f"{next(iter(next(iter(record['runs'].values()))['routers'].values()))['target_spearman_level_vs_t']:.2f}"
              ": noisy steps on coarse levels); the reconstructions are the test images of every subject, scored "
              "with the world's CLIP.", "",
-             "| run | branch | KL to target | rho(level, t) | E[level] clean / noisy | PixCorr | SSIM | CLIP 2-way "
-             "| CLIP top-1 |", "|---|---|---|---|---|---|---|---|---|"]
+             "Runs named `_unit` are the same fits on stage-1 encoders whose router keeps unit identity.", "",
+             "| run | stage-1 router | branch | KL to target | rho(level, t) | E[level] clean / noisy | PixCorr | SSIM "
+             "| CLIP 2-way | CLIP top-1 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary_rows(record):
-        name, _, branch, kl, rho, clean, noisy, *recon = row
+        name, _, scoring, branch, kl, rho, clean, noisy, *recon = row
         recon_cells = " | ".join("" if v == "" else (f"{v:.3f}" if k in ("pixcorr", "ssim") else f"{v:.1f}%")
                                  for k, v in zip(RECON_METRICS, recon))
-        lines.append(f"| {name} | {branch} | {kl:.4f} | {rho:+.2f} | {clean:.2f} / {noisy:.2f} | {recon_cells} |")
+        lines.append(f"| {name} | {scoring} | {branch} | {kl:.4f} | {rho:+.2f} | {clean:.2f} / {noisy:.2f} | {recon_cells} |")
     lines += ["", verdict(record), "", "![curves](temporal_router_study.png)", ""]
     return "\n".join(lines)
 
 
 def verdict(record: dict[str, Any]) -> str:
-    """One sentence per branch: does the KL-off run approach the target from where the untrained router was?"""
+    """Per stage-1 router and branch, one sentence: does the KL-off run approach the target from where the
+    untrained router was?"""
     runs = record["runs"]
-    off = next((n for n, r in runs.items() if r["kl_weight"] == 0), None)
-    on = [n for n, r in runs.items() if r["kl_weight"]]
-    if off is None or not on:
-        return "No KL-off / KL-on pair was run."
     out = []
-    for branch in record["branches"]:
-        kl0 = runs["untrained"]["routers"][branch]["kl_to_target"]
-        kl_off = runs[off]["routers"][branch]["kl_to_target"]
-        kl_on = runs[on[-1]]["routers"][branch]["kl_to_target"]
-        moved = (kl0 - kl_off) / max(kl0 - kl_on, 1e-12)
-        if moved <= 0:
-            finding = ("the KL-off fit ends farther from the target than the router it started from: the "
-                       "coarse-to-fine schedule is imposed by the KL term, not learned")
-        else:
-            finding = (f"the KL-off fit covers {100 * moved:.0f}% of the way the KL term takes it: the schedule is "
-                       f"{'learned' if moved > 0.5 else 'mostly imposed by the KL term'}")
-        out.append(f"{branch}: KL to the target {kl0:.4f} untrained, {kl_off:.4f} with the KL off, {kl_on:.4f} "
-                   f"with it on ({on[-1]}); {finding}.")
+    for scoring in record.get("scorings", ["value"]):
+        mine = {n: r for n, r in runs.items() if r.get("scoring", "value") == scoring and r["kl_weight"] is not None}
+        off = next((n for n, r in mine.items() if r["kl_weight"] == 0), None)
+        on = [n for n, r in mine.items() if r["kl_weight"]]
+        if off is None or not on:
+            out.append(f"No KL-off / KL-on pair was run on the {scoring} router's encoders.")
+            continue
+        for branch in record["branches"]:
+            kl0 = runs["untrained"]["routers"][branch]["kl_to_target"]
+            kl_off = runs[off]["routers"][branch]["kl_to_target"]
+            kl_on = runs[on[-1]]["routers"][branch]["kl_to_target"]
+            moved = (kl0 - kl_off) / max(kl0 - kl_on, 1e-12)
+            if moved <= 0:
+                finding = ("the KL-off fit ends farther from the target than the router it started from: the "
+                           "coarse-to-fine schedule is imposed by the KL term, not learned")
+            else:
+                finding = (f"the KL-off fit covers {100 * moved:.0f}% of the way the KL term takes it: the schedule "
+                           f"is {'learned' if moved > 0.5 else 'mostly imposed by the KL term'}")
+            out.append(f"{scoring} router's encoders, {branch}: KL to the target {kl0:.4f} untrained, {kl_off:.4f} "
+                       f"with the KL off, {kl_on:.4f} with it on ({on[-1]}); {finding}.")
     return " ".join(out)
 
 
