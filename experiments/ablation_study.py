@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the full model on unit-identity-router encoders (fitted here by default)")
     p.add_argument("--stage1-epochs", type=int, default=None,
                    help="epochs of those unit-router stage-1 fits (default: the world configs')")
+    p.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="skip the dense (capacity 2) and ridge rows beside the full model")
     p.add_argument("--targets", default=None,
                    help="the world CLIP's target caches of those fits (default: DATA/targets, as make demo leaves)")
     args = p.parse_args(argv)
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     study = AblationStudy(data, Path(args.out), Path(args.image_encoder), Path(args.text_encoder), Path(args.world),
                           tuple(args.rows), args.epochs, args.seed, args.inference_steps, args.bootstrap,
                           list(args.subjects), unit_router=args.unit_router, stage1_epochs=args.stage1_epochs,
-                          targets=Path(args.targets) if args.targets else None)
+                          targets=Path(args.targets) if args.targets else None, baselines=args.baselines)
     record = run_ablation_study(study)
     print((Path(args.out) / "report.md").read_text())
     print(f"took {record['seconds']['total']:.0f} s; wrote {args.out}/ablations.csv, ablations.json, ablations.png, "

@@ -5,8 +5,8 @@
 
 On the demo's data (``make demo`` caches the world CLIP's targets there) and the learned world: per width b (and
 the unbottlenecked reference) the stage-1 encoders of the stage-2 branches (``model.b_size`` b) and reduced-rank
-ridge of rank b, the brain rows once per router scoring (the reference value router and the unit-identity router,
-side by side); one stage 2 fitted on the reference encoders reconstructs the test images from every width's
+ridge of rank b, the brain rows once per router (the reference value router, the unit-identity router and the
+dense capacity-2 baseline, side by side); one stage 2 fitted on the reference encoders reconstructs the test images from every width's
 embeddings (experiments/studies/bottleneck_sweep.py). Everything after ``--`` is passed to every fit of both
 stages. Writes to --out: bottleneck_study.json / .csv / .png and report.md; finished steps are reused.
 """
@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", default=str(d.world), help="the learned world")
     p.add_argument("--widths", type=int, nargs="+", default=list(d.widths), help="bottleneck widths b")
     p.add_argument("--subjects", nargs="+", default=d.subjects)
-    p.add_argument("--scorings", nargs="+", default=list(d.scorings), choices=("value", "unit"),
-                   help="router scorings of the brain rows (stage 2 is fitted on the first one's encoders)")
+    p.add_argument("--scorings", nargs="+", default=list(d.scorings), choices=("value", "unit", "dense"),
+                   help="routers of the brain rows: value, unit (model.moe.scoring), dense (value at capacity "
+                        "factor 2); stage 2 is fitted on the first one's encoders")
     p.add_argument("--config", action="append",
                    help="stage-2 config stack (default: the world's image branch alone with both routers, the "
                         "ablation row Image only (TS); its branches decide which targets get stage-1 fits)")

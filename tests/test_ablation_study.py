@@ -49,11 +49,11 @@ def test_the_study_fits_every_row_from_one_seed_with_its_ablation_config_and_wri
         branches = config["model"]["init_args"]
         assert (branches["image_branch"] is None) == (row == "text_only"), row
         assert (branches["text_branch"] is None) == (row == "image_only"), row
-    assert set(record["rows"]) == {*ROWS, A.UNIT_ROUTER, A.SHUFFLED}
+    assert set(record["rows"]) == {*ROWS, A.UNIT_ROUTER, A.DENSE_ROUTER, A.RIDGE, A.SHUFFLED}
     assert {"git_commit", "package_versions", "command"} <= set(record["provenance"])
     lines = list(csv.DictReader((out / "ablations.csv").open()))
-    # rows + the unit-router row + control, subject + mean, metrics
-    assert len(lines) == (len(ROWS) + 2) * 2 * len(A.ROW_METRICS)
+    # rows + the unit-router, dense and ridge rows + control, subject + mean, metrics
+    assert len(lines) == (len(ROWS) + 4) * 2 * len(A.ROW_METRICS)
     compared = [r for r in lines if r["subject"] == "mean" and r["paper_metric"]]
     assert {(r["row"], r["metric"]) for r in compared} == {(row, o) for row in ROWS[1:] for o, _ in A.COMPARED}
     assert all(float(r["ci_low"]) <= float(r["value"]) <= float(r["ci_high"]) for r in lines)
@@ -61,7 +61,7 @@ def test_the_study_fits_every_row_from_one_seed_with_its_ablation_config_and_wri
     assert "0.415 -> 0.410" in report and "Text only" in report  # the paper's SSIM, full -> Text only
     for name in ("ablations.png", "ablations_grid.png", "ablations.json"):
         assert (out / name).stat().st_size > 0
-    assert "The two routers side by side" in report
+    assert "Routers and baselines side by side" in report and A.DENSE_LABEL in report and A.RIDGE_LABEL in report
 
 
 def test_the_unit_router_row_is_the_full_model_on_encoders_that_keep_unit_identity(study, record):
@@ -77,6 +77,23 @@ def test_the_unit_router_row_is_the_full_model_on_encoders_that_keep_unit_identi
         assert stage1["model"]["init_args"]["target"] == target
     clip = {row: r["mean"]["values"]["clip"] for row, r in record["rows"].items()}
     assert clip[A.UNIT_ROUTER] > clip[A.SHUFFLED], clip  # its conditioning carries the brain too
+
+
+def test_the_baselines_are_the_full_model_on_dense_encoders_and_on_ridge_embeddings(study, record):
+    out = Path(study.out_dir)
+    dense = yaml.safe_load((out / "runs" / A.DENSE_ROUTER / "run" / "config.yaml").read_text())["model"]["init_args"]
+    full = yaml.safe_load((out / "runs" / A.FULL / "run" / "config.yaml").read_text())["model"]["init_args"]
+    assert {k: v for k, v in dense.items() if not k.endswith("_encoder")} == \
+        {k: v for k, v in full.items() if not k.endswith("_encoder")}
+    for target in ("clip_image", "clip_text"):
+        stage1 = yaml.safe_load((out / "stage1" / f"{target}_value_cap2" / "run" / "config.yaml").read_text())
+        moe = stage1["model"]["init_args"]["moe"]["init_args"]
+        assert moe["capacity_factor"] == 2.0 and moe["scoring"] == "value"
+        assert (out / "ridge" / target / "subj01" / "meta.json").is_file()  # ridge test predictions, per subject
+    assert record["reconstructions"][A.RIDGE].endswith("run_ridge/reconstructions")
+    clip = {row: r["mean"]["values"]["clip"] for row, r in record["rows"].items()}
+    for row in (A.DENSE_ROUTER, A.RIDGE):  # both carry the brain
+        assert clip[row] > clip[A.SHUFFLED], clip
 
 
 def test_every_conditioned_row_is_identified_better_than_the_shuffled_brains(record):

@@ -1,6 +1,6 @@
 """The bottleneck study end to end on the reduced world (its command, subject 1, the image branch alone, width 1
 against the unbottlenecked reference): outputs written with provenance, and the directions a width-1 bottleneck
-guarantees, for both routers. Measured here (value router): embedding test top-1 0.40 -> 0.05 (brain), 0.70 -> 0.15 (ridge); reconstructions'
+guarantees, for both routers and the dense (capacity 2) and ridge baselines. Measured here (value router): embedding test top-1 0.40 -> 0.05 (brain), 0.70 -> 0.15 (ridge); reconstructions'
 CLIP cosine 0.260 -> 0.212 (brain), 0.482 -> 0.439 (ridge), ceiling 0.669, shuffled -0.016."""
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def test_the_study_writes_its_table_figure_report_and_provenance(study):
     assert record["widths"] == ["b1", "full"] and record["branches"] == ["image"]
     assert {"git_commit", "package_versions", "subjects"} <= set(record["provenance"])
     assert "The paper's claim" in record["summary"]["verdict"]
-    assert record["decoders"] == ["brain", "brain_unit", "ridge"]  # both routers side by side, then the ridge
+    # both routers side by side, then the dense (capacity 2) and ridge baselines
+    assert record["decoders"] == ["brain", "brain_unit", "brain_dense", "ridge"]
     report = (out / "report.md").read_text()
     assert "| brain (MoE, value router) | b1 |" in report and "| brain (MoE, unit router) | b1 |" in report
 
@@ -49,9 +50,10 @@ def test_a_width_one_bottleneck_loses_what_the_reference_decodes(study):
     """A width-1 adapter (and a rank-1 ridge) carries one number per trial: its embeddings identify far fewer
     test images, and the fixed stage 2's reconstructions from them are further from their images."""
     table = {(r["decoder"], r["width"]): r for r in study["record"]["summary"]["table"]}
-    for decoder in ("brain", "brain_unit", "ridge"):
+    for decoder in ("brain", "brain_unit", "brain_dense", "ridge"):
         assert table[(decoder, "b1")]["clip_image_stage1_top1"] < table[(decoder, "full")]["clip_image_stage1_top1"]
-    cosine = {w: sum(table[(d, w)]["clip_cosine"] for d in ("brain", "brain_unit", "ridge")) for w in ("b1", "full")}
+    cosine = {w: sum(table[(d, w)]["clip_cosine"] for d in ("brain", "brain_unit", "brain_dense", "ridge"))
+              for w in ("b1", "full")}
     assert cosine["b1"] < cosine["full"], cosine
     bounds = study["record"]["summary"]["bounds"]
     for key, row in table.items():  # every decoder sits between its bounds

@@ -12,13 +12,13 @@ from datamodules.common import atomic_path, write_json_atomic
 from experiments.interpretability.outputs import write_csv, write_figure
 from experiments.studies.ablations import (
     COMPARED,
+    EXTRA_LABELS,
     FULL,
     METRIC_LABELS,
     PAPER_ABLATION,
     PAPER_LABELS,
     PAPER_SOURCE,
     SHUFFLED,
-    UNIT_ROUTER,
 )
 from experiments.studies.reconstruction_rows import rows_grid
 
@@ -132,12 +132,19 @@ def report(record: dict[str, Any]) -> str:
         lines.append(f"| {labels[row]} | " + " | ".join(cells) + f" | {entry['paper_worse_on']} of 4 |")
     lines += ["", f"Directions: {counts['agrees']} agree, {counts['differs']} differ, {counts['unresolved']} "
               "unresolved (our interval includes 0).", ""]
-    if UNIT_ROUTER in record["comparison"]:
-        diff = record["comparison"][UNIT_ROUTER]["vs_full"]
-        lines += [f"## The two routers side by side: {labels[UNIT_ROUTER]} minus {labels[FULL]}", "",
-                  "The same stage-2 row on stage-1 encoders whose router keeps unit identity (`moe.scoring: unit`, "
-                  "fitted by the study with the reference encoders' configs): "
-                  + ", ".join(f"{METRIC_LABELS[m]} {_diff(diff[m], m)}" for m in record["metrics"]) + ".", ""]
+    beside = [r for r in EXTRA_LABELS if r in record["comparison"]]
+    if beside:
+        lines += [f"## Routers and baselines side by side: each row minus {labels[FULL]}", "",
+                  "The same stage-2 row on other stage-1 encoders (fitted by the study with the reference encoders' "
+                  "configs): the router that keeps unit identity (`moe.scoring: unit`) and the dense baseline "
+                  "(capacity factor 2, no expert choice); and the full model's stage 2 on a ridge regression's "
+                  "predicted embeddings.", "",
+                  "| row | " + " | ".join(METRIC_LABELS[m] for m in record["metrics"]) + " |",
+                  "|---|" + "---:|" * len(record["metrics"])]
+        for row in beside:
+            diff = record["comparison"][row]["vs_full"]
+            lines.append(f"| {labels[row]} | " + " | ".join(_diff(diff[m], m) for m in record["metrics"]) + " |")
+        lines.append("")
     lines += ["## Control: every row against the shuffled brains (CLIP 2-way)", "",
               f"Shuffled: {_cell(rows[SHUFFLED]['mean']['values'], rows[SHUFFLED]['mean']['intervals'], 'clip')} "
               f"(the full model, {labels[FULL]} at {full['values']['clip']:.1f}%, fed other images' brains).", "",

@@ -21,7 +21,7 @@ import numpy as np
 
 from datamodules.common import DataFormatError, provenance, write_json_atomic
 from experiments.evaluation.bootstrap import percentile_interval
-from experiments.studies.reconstruction_rows import ROW_METRICS, evaluate_rows, predict_rows
+from experiments.studies.reconstruction_rows import ROW_METRICS, evaluate_rows, predict_rows, tables_override
 from experiments.studies.runs import REPO, STAGE2_WORLD, cli_args, fit_world_encoders, run_dir
 
 ABLATIONS = REPO / "configs/stage2/ablations"
@@ -36,6 +36,14 @@ SHUFFLED = "shuffled"  # the full model, every test image conditioned on another
 # with the same configs as the reference encoders: the two routers side by side through the same stage 2
 UNIT_ROUTER = "unit_router"
 UNIT_LABEL = "Text+Image (TS), unit router"
+# the baselines beside them: the full model on dense stage-1 encoders (the reference router at capacity factor 2:
+# every child takes all of its parent's units, no expert choice), fitted like the unit router's; and the full
+# model's stage 2 conditioned on a ridge regression's predicted embeddings (the demo's ridge row)
+DENSE_ROUTER = "dense_router"
+DENSE_LABEL = "Text+Image (TS), dense (capacity 2)"
+RIDGE = "ridge"
+RIDGE_LABEL = "Text+Image (TS) on ridge embeddings"
+EXTRA_LABELS = {UNIT_ROUTER: UNIT_LABEL, DENSE_ROUTER: DENSE_LABEL, RIDGE: RIDGE_LABEL}
 
 # The paper's ablation table as printed (MoRE-Brain, NeurIPS 2025, arXiv 2505.15946, "Ablation Study"; copied
 # from ../shared/docs/seed-paper-summary.txt): SSIM, two-way identification on AlexNet layer 2 and InceptionV3
@@ -70,7 +78,8 @@ class AblationStudy:
     overrides for every stage-2 run; unit_router: also run the full model on stage-1 encoders with the unit-identity
     router (fitted here, ``out_dir/stage1``, the world's stage-1 configs with ``moe.scoring: unit``);
     stage1_epochs / stage1_extra: those fits' epochs (None: the configs') and CLI overrides; targets: the world
-    CLIP's target caches those fits read (default: ``data_dir/targets``, where ``make demo`` leaves them)."""
+    CLIP's target caches those fits read (default: ``data_dir/targets``, where ``make demo`` leaves them);
+    baselines: also run the dense (capacity 2) and ridge rows (``DENSE_ROUTER``, ``RIDGE``)."""
 
     data_dir: Path
     out_dir: Path
@@ -89,6 +98,7 @@ class AblationStudy:
     stage1_epochs: int | None = None
     stage1_extra: list[str] = field(default_factory=list)
     targets: Path | None = None
+    baselines: bool = True
 
 
 def study_rows(rows: tuple[str, ...]) -> list[str]:
@@ -103,7 +113,7 @@ def row_args(study: AblationStudy, row: str, encoders: dict[str, Path] | None = 
     """CLI arguments of one row's fit: the stack + ``<row>.yaml`` (the unit-router row: the full model's, on
     ``encoders``), logging to ``out/runs/<row>/run``."""
     encoders = encoders or {"clip_image": study.image_encoder, "clip_text": study.text_encoder}
-    config = ABLATIONS / f"{FULL if row == UNIT_ROUTER else row}.yaml"
+    config = ABLATIONS / f"{FULL if row in EXTRA_LABELS else row}.yaml"
     return [*cli_args([*study.configs, config], Path(study.out_dir) / "runs", row),
             f"--seed_everything={study.seed}", f"--trainer.max_epochs={study.epochs}",
             f"--data.init_args.data_dir={study.data_dir}",
@@ -116,12 +126,25 @@ def row_args(study: AblationStudy, row: str, encoders: dict[str, Path] | None = 
             *study.extra]
 
 
-def unit_router_encoders(study: AblationStudy) -> dict[str, Path]:
-    """{target: last.ckpt}: the stage-1 encoders of both targets with the unit-identity router, fitted (or read
-    back) under ``out_dir/stage1/<target>_unit`` with the world's stage-1 configs, data and subjects."""
+def unit_router_encoders(study: AblationStudy, scoring: str = "unit", capacity_factor: float | None = None
+                         ) -> dict[str, Path]:
+    """{target: last.ckpt}: the stage-1 encoders of both targets with the unit-identity router (or ``scoring`` at
+    ``capacity_factor``: the dense baseline), fitted (or read back) under ``out_dir/stage1/<target>_<scoring>...``
+    with the world's stage-1 configs, data and subjects."""
     return fit_world_encoders(Path(study.out_dir) / "stage1", study.data_dir, study.subjects, study.targets,
-                              study.world, "unit", seed=study.seed, epochs=study.stage1_epochs,
-                              extra=study.stage1_extra)
+                              study.world, scoring, seed=study.seed, epochs=study.stage1_epochs,
+                              extra=study.stage1_extra, capacity_factor=capacity_factor)
+
+
+def ridge_tables(study: AblationStudy) -> str:
+    """The ``condition_tables`` override of the ridge row: a ridge regression per target on the study's data, its
+    test predictions per subject under ``out_dir/ridge/<target>``."""
+    from experiments.studies.runs import ridge_predictions, world_data_overrides
+
+    paths = {branch: ridge_predictions(Path(study.out_dir) / "ridge" / target, target,
+                                       world_data_overrides(study.data_dir, study.subjects, study.targets, target)
+                                       )["dir"] for branch, target in (("image", "clip_image"), ("text", "clip_text"))}
+    return tables_override(paths)
 
 
 def fit_row(args: list[str], directory: Path) -> Path:
@@ -212,24 +235,30 @@ def run_ablation_study(study: AblationStudy, log=print) -> dict[str, Any]:
         encoders[UNIT_ROUTER] = unit_router_encoders(study)
         timing["stage1 unit_router"] = time.perf_counter() - t
         rows.append(UNIT_ROUTER)
+    full_conditions = {"predict": [], SHUFFLED: ["--model.init_args.shuffle_conditions=true"]}
+    if study.baselines:
+        t = time.perf_counter()
+        log("== stage-1 encoders of the dense baseline (capacity factor 2), both targets; ridge predictions")
+        encoders[DENSE_ROUTER] = unit_router_encoders(study, "value", capacity_factor=2.0)
+        full_conditions[RIDGE] = [ridge_tables(study)]
+        timing["stage1 dense_router and ridge"] = time.perf_counter() - t
+        rows.append(DENSE_ROUTER)
     for row in rows:
         t = time.perf_counter()
         args = row_args(study, row, encoders.get(row))
-        log(f"== {row} ({LABELS.get(row, UNIT_LABEL)}): fit {study.epochs} epochs, seed {study.seed}")
+        log(f"== {row} ({LABELS.get(row, EXTRA_LABELS.get(row))}): fit {study.epochs} epochs, seed {study.seed}")
         checkpoint = fit_row(args, run_dir(out / "runs", row))
         timing[f"{row} fit"] = time.perf_counter() - t
-        conditions = {"predict": []} if row != FULL else {"predict": [], SHUFFLED: [
-            "--model.init_args.shuffle_conditions=true"]}
-        for name, overrides in conditions.items():
+        for name, overrides in (full_conditions if row == FULL else {"predict": []}).items():
             t, directory = time.perf_counter(), out / "runs" / row / f"run_{name}" / "reconstructions"
             if not predicted(directory, study.subjects):
                 without_version = [a for a in args if not a.startswith("--trainer.logger.init_args.version=")]
                 predict_rows(without_version, checkpoint, out / "runs", row, "run", {name: overrides})
-            recon[SHUFFLED if name == SHUFFLED else row] = directory
+            recon[row if name == "predict" else name] = directory
             timing[f"{row} predict {name}"] = time.perf_counter() - t
     t = time.perf_counter()
     log("== evaluate every row with the world's CLIP")
-    order = [*rows, SHUFFLED]
+    order = [*rows, *([RIDGE] if study.baselines else []), SHUFFLED]
     results = evaluate_rows(study.data_dir, {r: recon[r] for r in order}, study.subjects,
                             str(Path(study.world) / "image_encoder"), bootstrap=study.bootstrap)
     timing["evaluate"] = time.perf_counter() - t
@@ -238,7 +267,7 @@ def run_ablation_study(study: AblationStudy, log=print) -> dict[str, Any]:
                                          "num_images": r.num_images} for r in per_subject}
                        for row, per_subject in results.items()},
               "comparison": compare(results),
-              "labels": {**LABELS, UNIT_ROUTER: UNIT_LABEL, SHUFFLED: "shuffled brains (control)"},
+              "labels": {**LABELS, **EXTRA_LABELS, SHUFFLED: "shuffled brains (control)"},
               "metrics": list(ROW_METRICS), "paper": {"source": PAPER_SOURCE, "table": PAPER_ABLATION,
                                                       "compared": [list(c) for c in COMPARED]},
               "reconstructions": {r: str(recon[r]) for r in order},

@@ -8,8 +8,9 @@ on the reference encoders and kept fixed: each width's encoders (``brain``) and 
 through it, as the demo's ridge row does, so only the information reaching the generator changes. Every row's
 test reconstructions are scored by the evaluation suite (PixCorr, SSIM, CLIP two-way, N-way, CLIP cosine with
 the world's CLIP), with the ceiling (true embeddings) and shuffled brains as the bounds. The brain rows come once
-per router scoring (``scorings``: the reference ``value`` router, on whose encoders stage 2 is fitted, and the
-unit-identity ``unit`` router, decoder ``brain_unit``), side by side. The paper's claim: the
+per router (``scorings``: the reference ``value`` router, on whose encoders stage 2 is fitted, the unit-identity
+``unit`` router, decoder ``brain_unit``, and the ``dense`` baseline, the reference router at capacity factor 2,
+where every child takes all of its parent's units, decoder ``brain_dense``), side by side. The paper's claim: the
 MoRE-Brain reconstructions lose the most under a narrow bottleneck, while MindEye2 keeps CLIP cosine near 0.8
 (leaning on its prior). Finished fits, ridge predictions and reconstructions are read back, so a rerun resumes.
 """
@@ -25,6 +26,7 @@ from datamodules.common import DataFormatError, provenance, write_json_atomic
 from experiments.studies.ablations import fit_row, predicted
 from experiments.studies.reconstruction_rows import evaluate_rows, predict_rows, tables_override
 from experiments.studies.runs import REPO, STAGE1_WORLD, STAGE2_WORLD_BRANCH, cli_args, fit_and_test, run_dir
+from experiments.studies.runs import ridge_predictions as world_ridge
 
 BRANCH_TARGET = {"image": "clip_image", "text": "clip_text"}
 ENCODER_OPTION = {"image": "image_encoder", "text": "text_encoder"}
@@ -37,7 +39,8 @@ class BottleneckStudy:
     """out_dir: runs and results; data_dir: the dataset; targets: the world CLIP's target caches (default:
     ``data_dir/targets``, where ``make demo`` leaves them); world: the learned world; widths: the bottleneck widths (the unbottlenecked reference is always
     run); subjects: fitted and evaluated; stage2_configs: the stage-2 stack (its branches decide which targets get
-    stage-1 fits); scorings: the routers' unit scorings of the brain rows (``model.moe.scoring``; stage 2 is fitted
+    stage-1 fits); scorings: the routers of the brain rows (``ROUTERS``: ``model.moe.scoring``, ``dense`` the
+    reference scoring at capacity factor 2; stage 2 is fitted
     on the first one's encoders); stage1_epochs / stage2_epochs: None keeps the configs'; overrides: CLI overrides
     of every fit of both stages; stage1_overrides / stage2_overrides: of one stage only; bootstrap: replicates of
     the intervals."""
@@ -49,7 +52,7 @@ class BottleneckStudy:
     widths: tuple[int, ...] = (1, 4, 16)
     subjects: list[str] = field(default_factory=lambda: ["subj01", "subj02", "subj03"])
     stage2_configs: list[Path] = field(default_factory=lambda: list(STAGE2_WORLD_BRANCH["clip_image"]))
-    scorings: tuple[str, ...] = ("value", "unit")
+    scorings: tuple[str, ...] = ("value", "unit", "dense")
     stage1_epochs: int | None = None
     stage2_epochs: int | None = None
     overrides: list[str] = field(default_factory=list)
@@ -66,6 +69,10 @@ class BottleneckStudy:
 
 def width_name(b: int | None) -> str:
     return "full" if b is None else f"b{b}"
+
+
+# router -> (model.moe.scoring, capacity factor; None keeps the configs', the paper's 1)
+ROUTERS = {"value": ("value", None), "unit": ("unit", None), "dense": ("value", 2.0)}
 
 
 def brain_decoder(scoring: str) -> str:
@@ -98,7 +105,9 @@ def stage1_overrides(study: BottleneckStudy, target: str, b: int | None, scoring
     from experiments.world.validate import stage1_width_overrides
 
     return [*_data(study, target), f"--model.init_args.b_size={'null' if b is None else b}",
-            f"--model.init_args.moe.init_args.scoring={scoring}",
+            f"--model.init_args.moe.init_args.scoring={ROUTERS[scoring][0]}",
+            *([f"--model.init_args.moe.init_args.capacity_factor={ROUTERS[scoring][1]}"] if ROUTERS[scoring][1]
+              else []),
             *stage1_width_overrides(study.world),
             *([f"--trainer.max_epochs={study.stage1_epochs}"] if study.stage1_epochs else []),
             *study.overrides, *study.stage1_overrides]
@@ -121,20 +130,8 @@ def _mean(metrics: dict[str, float], name: str) -> float | None:
 
 def ridge_predictions(study: BottleneckStudy, target: str, b: int | None) -> dict[str, Any]:
     """Rank-``b`` ridge of ``target`` on the stage-1 data -> {"dir": target caches per subject, "results"}."""
-    import json
-
-    from experiments._config import build, load_config
-    from experiments.baselines.ridge import ridge_baseline
-
-    directory = Path(study.out_dir) / "ridge" / width_name(b) / target
-    record = directory.parent / f"{target}.json"
-    if not record.is_file():
-        config = load_config([str(c) for c in STAGE1_WORLD[target]], stage1_overrides(study, target, b))
-        model = config["model"]["init_args"]
-        results = ridge_baseline(build(config["data"]), target, model.get("retrieval_candidates", 300),
-                                 model.get("retrieval_draws", 30), predictions_dir=directory, rank=b)
-        write_json_atomic(record, {"ridge": results, "rank": b, "target": target, "provenance": provenance()})
-    return {"dir": str(directory), "results": json.loads(record.read_text())["ridge"]}
+    return world_ridge(Path(study.out_dir) / "ridge" / width_name(b) / target, target,
+                       stage1_overrides(study, target, b), rank=b)
 
 
 def stage2_args(study: BottleneckStudy, encoders: dict[str, str]) -> list[str]:
@@ -170,8 +167,8 @@ def run_bottleneck_study(study: BottleneckStudy, log=print) -> dict[str, Any]:
     if any(b < 1 for b in study.widths):
         raise DataFormatError(f"--widths: every width must be at least 1, got {list(study.widths)}")
     if not study.scorings or len(set(study.scorings)) != len(study.scorings) \
-            or not set(study.scorings) <= {"value", "unit"}:
-        raise DataFormatError(f"--scorings: distinct values among value, unit, got {list(study.scorings)}")
+            or not set(study.scorings) <= set(ROUTERS):
+        raise DataFormatError(f"--scorings: distinct values among {', '.join(ROUTERS)}, got {list(study.scorings)}")
     used = branches(study)
     targets = [BRANCH_TARGET[b] for b in used]
     for target in targets:

@@ -12,9 +12,10 @@ from experiments.interpretability.outputs import write_csv, write_figure
 DECODERS = ("brain", "ridge")
 LABELS = {"pixcorr": "PixCorr", "ssim": "SSIM", "clip": "CLIP 2-way", "clip_top1": "CLIP top-1",
           "clip_cosine": "CLIP cos"}
-JUDGED = ("clip_cosine", "clip", "ssim")
+JUDGED = ("clip_cosine", "clip", "ssim")  # the paper's bottleneck plots: CLIP cosine; then two-way and SSIM
 DECODER_LABELS = {"brain": "brain (MoE, value router)", "brain_unit": "brain (MoE, unit router)",
-                  "ridge": "ridge, rank b (MindEye2-style)"}  # the paper's bottleneck plots: CLIP cosine; then two-way and SSIM
+                  "brain_dense": "brain (dense, capacity 2)", "ridge": "ridge, rank b (MindEye2-style)"}
+BASELINES = ("brain_dense", "ridge")  # not MoRE-Brain: the paper's claim is judged for the other decoders
 
 
 def _mean_values(record: dict[str, Any], row: str) -> dict[str, float]:
@@ -59,7 +60,7 @@ def summarise(record: dict[str, Any]) -> dict[str, Any]:
             margin = ref[m] - bounds["shuffled"][m]
             drops[decoder][m] = {"reference": ref[m], "narrowest": low[m], "drop": ref[m] - low[m],
                                  "share_of_margin": (ref[m] - low[m]) / margin if abs(margin) > 1e-9 else None}
-    brains = [d for d in decoders(record) if d != "ridge"]
+    brains = [d for d in decoders(record) if d not in BASELINES]
     more = {d: {m: drops[d][m]["drop"] > drops["ridge"][m]["drop"] for m in JUDGED} for d in brains}
 
     def lost(decoder: str) -> str:
@@ -109,7 +110,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
     x = list(range(len(widths)))
     fig, axes = plt.subplots(1, len(JUDGED), figsize=(4 * len(JUDGED), 3.4))
     for ax, m in zip(axes, ("ssim", "clip", "clip_cosine")):
-        for decoder, style in zip(decoders(record), ("o-", "^-", "s--", "d:")):
+        for decoder, style in zip(decoders(record), ("o-", "^-", "d:", "s--", "v-.")):
             rows = {r["width"]: r for r in summary["table"] if r["decoder"] == decoder}
             ax.plot(x, [rows[w][m] for w in widths], style, label=DECODER_LABELS.get(decoder, decoder))
         for bound, ls in (("ceiling", ":"), ("shuffled", "-.")):

@@ -53,26 +53,55 @@ def fit_and_test(configs: list[Path], overrides: list[str], root: Path, name: st
             "parameters": json.loads(parameters.read_text()) if parameters.is_file() else None}
 
 
+def world_data_overrides(data_dir: Path, subjects: list[str], targets: Path | None, target: str) -> list[str]:
+    """The stage-1 data of a world fit of ``target``: the dataset, its subjects and the world CLIP's target cache
+    (``targets``, default ``data_dir/targets``, where ``make demo`` leaves them)."""
+    cache = Path(targets or Path(data_dir) / "targets").resolve()  # data.targets: absolute
+    return [f"--data.init_args.data_dir={data_dir}", f"--data.init_args.subjects=[{', '.join(subjects)}]",
+            f"--data.init_args.targets={{{target}: {cache / target}}}", f"--model.init_args.target={target}"]
+
+
 def fit_world_encoders(root: Path, data_dir: Path, subjects: list[str], targets: Path | None, world: Path,
                        scoring: str, targets_to_fit: tuple[str, ...] = ("clip_image", "clip_text"), seed: int = 0,
-                       epochs: int | None = None, extra: list[str] | None = None) -> dict[str, Path]:
+                       epochs: int | None = None, extra: list[str] | None = None,
+                       capacity_factor: float | None = None) -> dict[str, Path]:
     """{target: last.ckpt}: the world's stage-1 encoders (``STAGE1_WORLD``, widths from ``world``) of each target
-    with the router's unit scoring ``scoring`` (``model.moe.scoring``), fitted and tested (or read back) under
-    ``root/<target>_<scoring>/run``. ``targets``: the world CLIP's target caches (default ``data_dir/targets``,
-    where ``make demo`` leaves them); ``epochs`` None keeps the configs'; ``extra``: more CLI overrides."""
+    with the router's unit scoring ``scoring`` (``model.moe.scoring``; ``capacity_factor`` None keeps the
+    configs', the paper's 1), fitted and tested (or read back) under ``root/<target>_<scoring>[_cap<c>]/run``.
+    ``targets``: see ``world_data_overrides``; ``epochs`` None keeps the configs'; ``extra``: more CLI overrides."""
     from experiments.world.validate import stage1_width_overrides
 
-    cache = Path(targets or Path(data_dir) / "targets").resolve()  # data.targets: absolute
     out = {}
     for target in targets_to_fit:
-        overrides = [f"--data.init_args.data_dir={data_dir}", f"--data.init_args.subjects=[{', '.join(subjects)}]",
-                     f"--data.init_args.targets={{{target}: {cache / target}}}", f"--model.init_args.target={target}",
+        overrides = [*world_data_overrides(data_dir, subjects, targets, target),
                      f"--model.init_args.moe.init_args.scoring={scoring}", f"--seed_everything={seed}",
+                     *([f"--model.init_args.moe.init_args.capacity_factor={capacity_factor}"] if capacity_factor
+                       else []),
                      *stage1_width_overrides(world), *([f"--trainer.max_epochs={epochs}"] if epochs else []),
                      *(extra or [])]
-        result = fit_and_test(STAGE1_WORLD[target], overrides, Path(root), f"{target}_{scoring}")
+        name = f"{target}_{scoring}" + (f"_cap{capacity_factor:g}" if capacity_factor else "")
+        result = fit_and_test(STAGE1_WORLD[target], overrides, Path(root), name)
         out[target] = Path(result["dir"]) / "checkpoints" / "last.ckpt"
     return out
+
+
+def ridge_predictions(directory: Path, target: str, overrides: list[str], rank: int | None = None
+                      ) -> dict[str, Any]:
+    """Ridge regression of ``target`` (rank ``rank``, None: full) on the data of the world's stage-1 config with
+    ``overrides``, its test predictions written as target caches per subject under ``directory`` (the condition
+    tables of a ridge row) -> {"dir", "results"}; a finished one is read back."""
+    from datamodules.common import provenance, write_json_atomic
+    from experiments._config import build, load_config
+    from experiments.baselines.ridge import ridge_baseline
+
+    record = Path(directory).parent / f"{target}.json"
+    if not record.is_file():
+        config = load_config([str(c) for c in STAGE1_WORLD[target]], overrides)
+        model = config["model"]["init_args"]
+        results = ridge_baseline(build(config["data"]), target, model.get("retrieval_candidates", 300),
+                                 model.get("retrieval_draws", 30), predictions_dir=Path(directory), rank=rank)
+        write_json_atomic(record, {"ridge": results, "rank": rank, "target": target, "provenance": provenance()})
+    return {"dir": str(directory), "results": json.loads(record.read_text())["ridge"]}
 
 
 def test_of_saved_run(directory: Path) -> dict[str, float]:
