@@ -43,8 +43,8 @@ def test_the_study_runs_at_the_papers_capacity_and_trains_the_intended_parts(stu
     assert rows["fine_tuned"]["trainable"] > rows["transfer"]["trainable"]
     config = (Path(study["out"]) / "transfer" / "run" / "config.yaml").read_text()
     assert "capacity_factor: 1.0" in config
-    assert set(record["reconstructions"]["rows"]) == {"transfer", "same_from_scratch", "fine_tuned", "ceiling",
-                                                      "shuffled"}
+    assert set(record["reconstructions"]["rows"]) == {"transfer", "same_from_scratch", "fine_tuned", "ridge",
+                                                      "ceiling", "shuffled"}
     assert {"git_commit", "package_versions"} <= set(record["provenance"])
 
 
@@ -53,7 +53,7 @@ def test_the_study_writes_its_csv_figure_and_report(study):
     lines = (out / "transfer_study.csv").read_text().splitlines()
     assert lines[0].startswith("run,subjects,sessions,trainable,share,fwd_top1,bwd_top1,recon_pixcorr")
     assert [line.split(",")[0] for line in lines[1:]] == ["source", "transfer", "same_from_scratch", "fine_tuned",
-                                                          "ceiling", "shuffled"]
+                                                          "ridge", "ceiling", "shuffled"]
     assert (out / "transfer_study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
     assert "| transfer | subj03 | 1 |" in report and "shuffled brains" in report and "transfer_study.png" in report
@@ -66,5 +66,6 @@ def test_the_transferred_encoder_reconstructs_the_new_subject_beyond_its_control
     rec = study["record"]["reconstructions"]["rows"]
     assert rec["transfer"]["clip"] >= rec["shuffled"]["clip"] + 8.0, rec
     assert rec["transfer"]["clip_cosine"] > rec["shuffled"]["clip_cosine"], rec
-    for run in ("transfer", "same_from_scratch", "fine_tuned"):
+    for run in ("transfer", "same_from_scratch", "fine_tuned", "ridge"):
         assert rec["ceiling"]["clip_cosine"] > rec[run]["clip_cosine"], (run, rec)
+    assert rec["ridge"]["clip"] > rec["shuffled"]["clip"], rec  # the linear baseline on the same session decodes

@@ -85,18 +85,19 @@ def fit_world_encoders(root: Path, data_dir: Path, subjects: list[str], targets:
     return out
 
 
-def ridge_predictions(directory: Path, target: str, overrides: list[str], rank: int | None = None
-                      ) -> dict[str, Any]:
-    """Ridge regression of ``target`` (rank ``rank``, None: full) on the data of the world's stage-1 config with
-    ``overrides``, its test predictions written as target caches per subject under ``directory`` (the condition
-    tables of a ridge row) -> {"dir", "results"}; a finished one is read back."""
+def ridge_predictions(directory: Path, target: str, overrides: list[str], rank: int | None = None,
+                      configs: list[Path] | None = None) -> dict[str, Any]:
+    """Ridge regression of ``target`` (rank ``rank``, None: full) on the data of a stage-1 config stack
+    (``configs``, default the world's, ``STAGE1_WORLD``) with ``overrides``, its test predictions written as
+    target caches per subject under ``directory`` (the condition tables of a ridge row) -> {"dir", "results"}; a
+    finished one is read back."""
     from datamodules.common import provenance, write_json_atomic
     from experiments._config import build, load_config
     from experiments.baselines.ridge import ridge_baseline
 
     record = Path(directory).parent / f"{target}.json"
     if not record.is_file():
-        config = load_config([str(c) for c in STAGE1_WORLD[target]], overrides)
+        config = load_config([str(c) for c in (configs or STAGE1_WORLD[target])], overrides)
         model = config["model"]["init_args"]
         results = ridge_baseline(build(config["data"]), target, model.get("retrieval_candidates", 300),
                                  model.get("retrieval_draws", 30), predictions_dir=Path(directory), rank=rank)

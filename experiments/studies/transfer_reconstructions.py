@@ -3,8 +3,10 @@
 One stage 2 (the study's ``stage2`` stack: the target's branch alone, e.g. ``ablations/image_only_ts.yaml``) is
 fitted on the source subjects with the source run's encoder and then kept fixed, as a new subject is meant to
 reuse it (stage 2 has no per-subject part). Each new-subject run's encoder replaces the source encoder at
-``predict`` (``brain`` of that run), beside the ceiling (the true target embeddings) and the transfer run fed
-shuffled brains; every row is scored by the evaluation suite with the world's CLIP. Finished steps are reused.
+``predict`` (``brain`` of that run), beside a ridge regression trained on the same sessions of the new subject
+(``ridge``: its predicted embeddings as condition tables, the MindEye2-style linear baseline at the same data
+budget), the ceiling (the true target embeddings) and the transfer run fed shuffled brains; every row is scored
+by the evaluation suite with the world's CLIP. Finished steps are reused.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from experiments.studies.ablations import fit_row, predicted
 from experiments.studies.reconstruction_rows import evaluate_rows, predict_rows, tables_override
-from experiments.studies.runs import cli_args, run_dir
+from experiments.studies.runs import cli_args, ridge_predictions, run_dir
 
 METRICS = ("pixcorr", "ssim", "clip", "clip_top1", "clip_cosine")
 ENCODER = {"clip_image": ("image", "image_encoder"), "clip_text": ("text", "text_encoder")}
@@ -45,6 +47,11 @@ def reconstruct_runs(study, results: dict[str, dict]) -> dict[str, Any]:
     predict_args.append(f"--data.init_args.subjects=[{new}]")
     rows: dict[str, list[str]] = {run: [f"--model.init_args.{option}={_checkpoint(r)}"]
                                   for run, r in results.items() if run != "source"}
+    from experiments.studies.transfer import _data_args
+
+    ridge = ridge_predictions(out / "ridge" / study.target, study.target, _data_args(study, [new], study.sessions),
+                              configs=study.configs)
+    rows["ridge"] = [*rows.get("transfer", []), tables_override({branch: ridge["dir"]})]
     target_dir = Path(study.data_dir) / "targets" / study.target
     rows["ceiling"] = [*rows.get("transfer", []), tables_override({branch: str(target_dir)})]
     if "transfer" in rows:

@@ -14,6 +14,7 @@ LABELS = {"pixcorr": "PixCorr", "ssim": "SSIM", "clip": "CLIP 2-way", "clip_top1
           "clip_cosine": "CLIP cos"}
 PLOTTED = ("clip", "clip_top1", "ssim")  # reconstruction panels beside the stage-1 retrieval panel
 BOUNDS = ("ceiling", "shuffled")
+ONLY_RECONSTRUCTED = ("ridge", *BOUNDS)  # rows with no stage-1 run of their own
 
 
 def _share(row: dict[str, Any]) -> float | None:
@@ -21,14 +22,15 @@ def _share(row: dict[str, Any]) -> float | None:
 
 
 def csv_rows(record: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """(header, lines): every stage-1 run, then the reconstruction-only rows (ceiling, shuffled)."""
+    """(header, lines): every stage-1 run, then the reconstruction-only rows (ridge, ceiling, shuffled)."""
     metrics = list(record.get("reconstructions", {}).get("metrics", []))
     header = ["run", "subjects", "sessions", "trainable", "share", "fwd_top1", "bwd_top1",
               *(f"recon_{m}" for m in metrics)]
     rec = record.get("reconstructions", {}).get("rows", {})
     lines = [[r["run"], " ".join(r["subjects"]), r["sessions"], r["trainable"], _share(r), r["fwd_top1"],
               r["bwd_top1"], *(rec.get(r["run"], {}).get(m) for m in metrics)] for r in record["rows"]]
-    lines += [[b, "", "", "", "", "", "", *(rec[b].get(m) for m in metrics)] for b in BOUNDS if b in rec]
+    lines += [[b, "", "", "", "", "", "", *(rec[b].get(m) for m in metrics)] for b in ONLY_RECONSTRUCTED
+              if b in rec]
     return header, lines
 
 
@@ -47,7 +49,7 @@ def findings(record: dict[str, Any]) -> list[str]:
                    f"{s['clip']:.1f}% for the same run fed shuffled brains"
                    + (f" and {rec['ceiling']['clip']:.1f}% for the true embeddings (ceiling)" if "ceiling" in rec
                       else "") + ".")
-    for other in ("full", "same_from_scratch", "all_from_scratch", "fine_tuned"):
+    for other in ("full", "same_from_scratch", "all_from_scratch", "fine_tuned", "ridge"):
         if "transfer" in rec and other in rec:
             out.append(f"transfer - {other}: CLIP two-way {rec['transfer']['clip'] - rec[other]['clip']:+.1f} "
                        f"points, SSIM {rec['transfer']['ssim'] - rec[other]['ssim']:+.3f}.")
@@ -71,7 +73,7 @@ def format_markdown(record: dict[str, Any]) -> str:
                                         f"{r['trainable'] or 0:,d}", "" if share is None else f"{share:.2%}",
                                         f"{r['fwd_top1']:.3f}",
                                         *(cell(m, rows.get(r["run"], {}).get(m)) for m in metrics)]) + " |")
-    for b in BOUNDS:
+    for b in ONLY_RECONSTRUCTED:
         if b in rows:
             lines.append("| " + " | ".join([b, "", "", "", "", "", *(cell(m, rows[b].get(m)) for m in metrics)])
                          + " |")
@@ -95,7 +97,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
             ax.bar(range(len(names)), values, color="tab:blue")
             ax.set_ylabel("stage-1 test top-1")
         else:
-            names = [r for r in runs if r in rec["rows"]]
+            names = [r for r in [*runs, "ridge"] if r in rec["rows"]]
             values = [rec["rows"][r][panel] for r in names]
             intervals = rec.get("intervals", {})
             err = [[v - intervals.get(r, {}).get(panel, (v, v))[0] for r, v in zip(names, values)],
