@@ -89,6 +89,10 @@ studies: install ## The studies on the learned world (after make demo): ablation
 	$(BIN)/python -m experiments.temporal_router_study --out $(LOGS)/studies/temporal_router
 	$(BIN)/python -m experiments.bottleneck_study --data $(DATA) --out $(LOGS)/studies/bottleneck
 	$(BIN)/python -m experiments.transfer_study --data $(DATA) --out $(LOGS)/studies/transfer --stage2 --target clip_image
+	$(BIN)/python -m experiments.transfer_study --data $(DATA) --out $(LOGS)/studies/transfer_unit --stage2 \
+	--target clip_image -- --model.init_args.moe.init_args.scoring=unit
+	$(BIN)/python -m experiments.transfer_study --data $(DATA) --out $(LOGS)/studies/transfer_dense --stage2 \
+	--target clip_image -- --model.init_args.moe.init_args.capacity_factor=2.0
 	$(BIN)/python -m experiments.spatial_control_study --out $(LOGS)/studies/spatial_control --data $(DATA) \
 	--predict $(LOGS)/stage2_world/demo_brain/reconstructions \
 	--image-encoder $(LOGS)/stage1_world_image/demo/checkpoints/last.ckpt \
@@ -97,6 +101,10 @@ studies: install ## The studies on the learned world (after make demo): ablation
 	--predict $(LOGS)/studies/temporal_router/kl_0.1_unit/test_brain/reconstructions \
 	--image-encoder $(LOGS)/studies/temporal_router/stage1/clip_image_unit/run/checkpoints/last.ckpt \
 	--text-encoder $(LOGS)/studies/temporal_router/stage1/clip_text_unit/run/checkpoints/last.ckpt
+	$(BIN)/python -m experiments.spatial_control_study --out $(LOGS)/studies/spatial_control_dense --data $(DATA) \
+	--predict $(LOGS)/studies/temporal_router/kl_0.1_dense/test_brain/reconstructions \
+	--image-encoder $(LOGS)/studies/temporal_router/stage1/clip_image_value_cap2/run/checkpoints/last.ckpt \
+	--text-encoder $(LOGS)/studies/temporal_router/stage1/clip_text_value_cap2/run/checkpoints/last.ckpt
 
 bench: install ## Benchmarks; JSON results in bench_results/
 	$(BIN)/python -m experiments.bench --only data stage1 stage2 conditions callbacks startup slurm --out bench_results --work data/bench

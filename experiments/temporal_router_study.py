@@ -5,8 +5,8 @@
 
 Stage 2 on the learned world (configs/stage2/world_synthetic.yaml by default, which reads the stage-1 encoders
 ``make demo`` trains, the reference router's), and the same fits on stage-1 encoders whose router keeps unit
-identity (``--scorings``; fitted here on the same data, its ``--data.init_args`` overrides included); everything
-after ``--`` is passed to every stage-2 run as CLI overrides. Writes to --out:
+identity and on dense encoders (``--scorings``; fitted here on the same data, its ``--data.init_args`` overrides
+included); everything after ``--`` is passed to every stage-2 run as CLI overrides. Writes to --out:
 temporal_router_study.json / .csv / .png, temporal_router_curves.csv / .npz, report.md; fitted runs are reused.
 """
 
@@ -30,9 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", action="append", help="stage-2 config stack (default: the demo's)")
     p.add_argument("--kl-weights", type=float, nargs="+", help="one fit each (default: 0 and the module's default)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the metrics' intervals")
-    p.add_argument("--scorings", nargs="+", default=["value", "unit"], choices=("value", "unit", "value_unit"),
+    p.add_argument("--scorings", nargs="+", default=["value", "unit", "dense"],
+                   choices=("value", "unit", "value_unit", "dense"),
                    help="stage-1 routers, each with every KL weight: value, the config's encoders (the demo's); "
-                        "another, encoders fitted here with the world's stage-1 configs")
+                        "another, encoders fitted here with the world's stage-1 configs (dense: the reference "
+                        "router at capacity factor 2, a baseline)")
     p.add_argument("--targets", default=None, help="the world CLIP's target caches of those stage-1 fits "
                                                    "(default: the data's targets/, as make demo leaves them)")
     p.add_argument("--stage1-epochs", type=int, default=None, help="epochs of those fits (default: the configs')")

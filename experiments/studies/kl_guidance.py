@@ -9,7 +9,8 @@ run's test reconstructions through the evaluation suite (PixCorr, SSIM, two-way 
 the world's CLIP). If the KL-off run drifts toward the target too, the schedule is learned; if it stays where
 the untrained router was, the target imposes it. Both stage-1 routers side by side (``scorings``): the fits run
 once on the config's stage-1 encoders (the reference ``value`` router, the demo's) and once on encoders whose
-router keeps unit identity (``unit``, fitted here with the world's stage-1 configs and the config's data).
+router keeps unit identity (``unit``, fitted here with the world's stage-1 configs and the config's data), and
+on dense encoders (``dense``: capacity factor 2, no expert choice, a baseline).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from experiments.studies.runs import STAGE2_WORLD, cli_args, fit_world_encoders,
 
 UNTRAINED = "untrained"
 ENCODER_OPTION = {"clip_image": "image_encoder", "clip_text": "text_encoder"}
+# stage-1 router -> (model.moe.scoring, capacity factor; None: the configs', the paper's 1); ``dense``: the
+# reference scoring where every child takes all of its parent's units (no expert choice), a baseline
+ROUTERS = {"value": ("value", None), "unit": ("unit", None), "value_unit": ("value_unit", None),
+           "dense": ("value", 2.0)}
 
 
 def default_kl_weight() -> float:
@@ -50,7 +55,7 @@ class TemporalStudy:
     kl_weights: tuple[float, ...] | None = None
     overrides: list[str] = field(default_factory=list)
     bootstrap: int = 200
-    scorings: tuple[str, ...] = ("value", "unit")
+    scorings: tuple[str, ...] = ("value", "unit", "dense")
     targets: Path | None = None
     stage1_overrides: list[str] = field(default_factory=list)
 
@@ -78,9 +83,10 @@ def encoders(study: TemporalStudy, scoring: str) -> list[str]:
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     wanted = tuple(t for t, b in (("clip_image", "image_branch"), ("clip_text", "text_branch")) if model.get(b))
     data_overrides = [o for o in study.overrides if o.startswith("--data.init_args.") and ".targets" not in o]
+    unit_scoring, capacity = ROUTERS[scoring]
     fitted = fit_world_encoders(Path(study.out_dir) / "stage1", Path(data["data_dir"]), list(data["subjects"]),
-                                study.targets, Path(model["sdxl_dir"]), scoring, wanted,
-                                extra=[*data_overrides, *study.stage1_overrides])
+                                study.targets, Path(model["sdxl_dir"]), unit_scoring, wanted,
+                                extra=[*data_overrides, *study.stage1_overrides], capacity_factor=capacity)
     return [f"--model.init_args.{ENCODER_OPTION[t]}={path}" for t, path in fitted.items()]
 
 
