@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from experiments.studies.bottleneck_sweep import BottleneckStudy, run_bottleneck_study
+from experiments.studies.runs import ROUTERS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", default=str(d.world), help="the learned world")
     p.add_argument("--widths", type=int, nargs="+", default=list(d.widths), help="bottleneck widths b")
     p.add_argument("--subjects", nargs="+", default=d.subjects)
-    p.add_argument("--scorings", nargs="+", default=list(d.scorings), choices=("value", "unit", "dense"),
+    p.add_argument("--scorings", nargs="+", default=list(d.scorings), choices=tuple(ROUTERS),
                    help="routers of the brain rows: value, unit (model.moe.scoring), dense (value at capacity "
                         "factor 2); stage 2 is fitted on the first one's encoders")
     p.add_argument("--config", action="append",

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from experiments.studies.kl_guidance import TemporalStudy, run_study
-from experiments.studies.runs import STAGE2_WORLD
+from experiments.studies.runs import ROUTERS, STAGE2_WORLD
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kl-weights", type=float, nargs="+", help="one fit each (default: 0 and the module's default)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the metrics' intervals")
     p.add_argument("--scorings", nargs="+", default=["value", "unit", "dense"],
-                   choices=("value", "unit", "value_unit", "dense"),
+                   choices=tuple(ROUTERS),
                    help="stage-1 routers, each with every KL weight: value, the config's encoders (the demo's); "
                         "another, encoders fitted here with the world's stage-1 configs (dense: the reference "
                         "router at capacity factor 2, a baseline)")

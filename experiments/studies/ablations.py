@@ -22,7 +22,7 @@ import numpy as np
 from datamodules.common import DataFormatError, provenance, write_json_atomic
 from experiments.evaluation.bootstrap import percentile_interval
 from experiments.studies.reconstruction_rows import ROW_METRICS, evaluate_rows, predict_rows, tables_override
-from experiments.studies.runs import REPO, STAGE2_WORLD, cli_args, fit_world_encoders, run_dir
+from experiments.studies.runs import REPO, ROUTERS, STAGE2_WORLD, cli_args, fit_world_encoders, run_dir
 
 ABLATIONS = REPO / "configs/stage2/ablations"
 LABELS = {"text_image_ts": "Text+Image (TS)", "text_only": "Text only", "text_only_ts": "Text only (TS)",
@@ -239,7 +239,7 @@ def run_ablation_study(study: AblationStudy, log=print) -> dict[str, Any]:
     if study.baselines:
         t = time.perf_counter()
         log("== stage-1 encoders of the dense baseline (capacity factor 2), both targets; ridge predictions")
-        encoders[DENSE_ROUTER] = unit_router_encoders(study, "value", capacity_factor=2.0)
+        encoders[DENSE_ROUTER] = unit_router_encoders(study, *ROUTERS["dense"])
         full_conditions[RIDGE] = [ridge_tables(study)]
         timing["stage1 dense_router and ridge"] = time.perf_counter() - t
         rows.append(DENSE_ROUTER)

@@ -25,7 +25,15 @@ from typing import Any
 from datamodules.common import DataFormatError, provenance, write_json_atomic
 from experiments.studies.ablations import fit_row, predicted
 from experiments.studies.reconstruction_rows import evaluate_rows, predict_rows, tables_override
-from experiments.studies.runs import REPO, STAGE1_WORLD, STAGE2_WORLD_BRANCH, cli_args, fit_and_test, run_dir
+from experiments.studies.runs import (
+    REPO,
+    ROUTERS,
+    STAGE1_WORLD,
+    STAGE2_WORLD_BRANCH,
+    cli_args,
+    fit_and_test,
+    run_dir,
+)
 from experiments.studies.runs import ridge_predictions as world_ridge
 
 BRANCH_TARGET = {"image": "clip_image", "text": "clip_text"}
@@ -69,10 +77,6 @@ class BottleneckStudy:
 
 def width_name(b: int | None) -> str:
     return "full" if b is None else f"b{b}"
-
-
-# router -> (model.moe.scoring, capacity factor; None keeps the configs', the paper's 1)
-ROUTERS = {"value": ("value", None), "unit": ("unit", None), "dense": ("value", 2.0)}
 
 
 def brain_decoder(scoring: str) -> str:

@@ -24,14 +24,10 @@ import numpy as np
 import torch
 
 from datamodules.common import provenance
-from experiments.studies.runs import STAGE2_WORLD, cli_args, fit_world_encoders, run_dir
+from experiments.studies.runs import ROUTERS, STAGE2_WORLD, cli_args, fit_world_encoders, run_dir
 
 UNTRAINED = "untrained"
 ENCODER_OPTION = {"clip_image": "image_encoder", "clip_text": "text_encoder"}
-# stage-1 router -> (model.moe.scoring, capacity factor; None: the configs', the paper's 1); ``dense``: the
-# reference scoring where every child takes all of its parent's units (no expert choice), a baseline
-ROUTERS = {"value": ("value", None), "unit": ("unit", None), "value_unit": ("value_unit", None),
-           "dense": ("value", 2.0)}
 
 
 def default_kl_weight() -> float:

@@ -18,6 +18,13 @@ STAGE2_WORLD_BRANCH = {"clip_image": [*STAGE2_WORLD, REPO / "configs/stage2/abla
                        "clip_text": [*STAGE2_WORLD, REPO / "configs/stage2/ablations/text_only_ts.yaml"]}
 
 
+# the stage-1 encoders the studies set side by side -> (model.moe.scoring, capacity factor; None keeps the
+# configs', the paper's 1): the reference router, the router that keeps unit identity (and both terms), and the
+# dense baseline, the reference scoring where every child takes all of its parent's units (no expert choice)
+ROUTERS: dict[str, tuple[str, float | None]] = {"value": ("value", None), "unit": ("unit", None),
+                                                "value_unit": ("value_unit", None), "dense": ("value", 2.0)}
+
+
 def run_dir(root: Path, name: str) -> Path:
     """Where the run ``name`` logs under ``root`` (logger name ``name``, version ``run``)."""
     return Path(root) / name / "run"
