@@ -22,7 +22,15 @@ import numpy as np
 from datamodules.common import DataFormatError, provenance, write_json_atomic
 from experiments.evaluation.bootstrap import percentile_interval
 from experiments.studies.reconstruction_rows import ROW_METRICS, evaluate_rows, predict_rows, tables_override
-from experiments.studies.runs import REPO, ROUTERS, STAGE2_WORLD, cli_args, fit_world_encoders, run_dir
+from experiments.studies.runs import (
+    REPO,
+    STAGE2_WORLD,
+    cli_args,
+    fit_world_encoders,
+    ridge_predictions,
+    run_dir,
+    world_data_overrides,
+)
 
 ABLATIONS = REPO / "configs/stage2/ablations"
 LABELS = {"text_image_ts": "Text+Image (TS)", "text_only": "Text only", "text_only_ts": "Text only (TS)",
@@ -126,21 +134,18 @@ def row_args(study: AblationStudy, row: str, encoders: dict[str, Path] | None = 
             *study.extra]
 
 
-def unit_router_encoders(study: AblationStudy, scoring: str = "unit", capacity_factor: float | None = None
-                         ) -> dict[str, Path]:
-    """{target: last.ckpt}: the stage-1 encoders of both targets with the unit-identity router (or ``scoring`` at
-    ``capacity_factor``: the dense baseline), fitted (or read back) under ``out_dir/stage1/<target>_<scoring>...``
-    with the world's stage-1 configs, data and subjects."""
+def router_encoders(study: AblationStudy, router: str) -> dict[str, Path]:
+    """{target: last.ckpt}: the stage-1 encoders of both targets with the ``ROUTERS`` entry ``router`` (``unit``:
+    the unit-identity router; ``dense``: the baseline), fitted (or read back) under ``out_dir/stage1`` with the
+    world's stage-1 configs, data and subjects."""
     return fit_world_encoders(Path(study.out_dir) / "stage1", study.data_dir, study.subjects, study.targets,
-                              study.world, scoring, seed=study.seed, epochs=study.stage1_epochs,
-                              extra=study.stage1_extra, capacity_factor=capacity_factor)
+                              study.world, router, seed=study.seed, epochs=study.stage1_epochs,
+                              extra=study.stage1_extra)
 
 
 def ridge_tables(study: AblationStudy) -> str:
     """The ``condition_tables`` override of the ridge row: a ridge regression per target on the study's data, its
     test predictions per subject under ``out_dir/ridge/<target>``."""
-    from experiments.studies.runs import ridge_predictions, world_data_overrides
-
     paths = {branch: ridge_predictions(Path(study.out_dir) / "ridge" / target, target,
                                        world_data_overrides(study.data_dir, study.subjects, study.targets, target)
                                        )["dir"] for branch, target in (("image", "clip_image"), ("text", "clip_text"))}
@@ -232,14 +237,14 @@ def run_ablation_study(study: AblationStudy, log=print) -> dict[str, Any]:
     if study.unit_router:
         t = time.perf_counter()
         log("== stage-1 encoders with the unit-identity router (moe.scoring: unit), both targets")
-        encoders[UNIT_ROUTER] = unit_router_encoders(study)
+        encoders[UNIT_ROUTER] = router_encoders(study, "unit")
         timing["stage1 unit_router"] = time.perf_counter() - t
         rows.append(UNIT_ROUTER)
     full_conditions = {"predict": [], SHUFFLED: ["--model.init_args.shuffle_conditions=true"]}
     if study.baselines:
         t = time.perf_counter()
         log("== stage-1 encoders of the dense baseline (capacity factor 2), both targets; ridge predictions")
-        encoders[DENSE_ROUTER] = unit_router_encoders(study, *ROUTERS["dense"])
+        encoders[DENSE_ROUTER] = router_encoders(study, "dense")
         full_conditions[RIDGE] = [ridge_tables(study)]
         timing["stage1 dense_router and ridge"] = time.perf_counter() - t
         rows.append(DENSE_ROUTER)

@@ -32,6 +32,7 @@ from experiments.studies.runs import (
     STAGE2_WORLD_BRANCH,
     cli_args,
     fit_and_test,
+    router_overrides,
     run_dir,
 )
 from experiments.studies.runs import ridge_predictions as world_ridge
@@ -109,9 +110,7 @@ def stage1_overrides(study: BottleneckStudy, target: str, b: int | None, scoring
     from experiments.world.validate import stage1_width_overrides
 
     return [*_data(study, target), f"--model.init_args.b_size={'null' if b is None else b}",
-            f"--model.init_args.moe.init_args.scoring={ROUTERS[scoring][0]}",
-            *([f"--model.init_args.moe.init_args.capacity_factor={ROUTERS[scoring][1]}"] if ROUTERS[scoring][1]
-              else []),
+            *router_overrides(scoring),
             *stage1_width_overrides(study.world),
             *([f"--trainer.max_epochs={study.stage1_epochs}"] if study.stage1_epochs else []),
             *study.overrides, *study.stage1_overrides]

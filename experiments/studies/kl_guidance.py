@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from datamodules.common import provenance
-from experiments.studies.runs import ROUTERS, STAGE2_WORLD, cli_args, fit_world_encoders, run_dir
+from experiments.studies.runs import STAGE2_WORLD, cli_args, fit_world_encoders, run_dir
 
 UNTRAINED = "untrained"
 ENCODER_OPTION = {"clip_image": "image_encoder", "clip_text": "text_encoder"}
@@ -79,10 +79,9 @@ def encoders(study: TemporalStudy, scoring: str) -> list[str]:
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     wanted = tuple(t for t, b in (("clip_image", "image_branch"), ("clip_text", "text_branch")) if model.get(b))
     data_overrides = [o for o in study.overrides if o.startswith("--data.init_args.") and ".targets" not in o]
-    unit_scoring, capacity = ROUTERS[scoring]
     fitted = fit_world_encoders(Path(study.out_dir) / "stage1", Path(data["data_dir"]), list(data["subjects"]),
-                                study.targets, Path(model["sdxl_dir"]), unit_scoring, wanted,
-                                extra=[*data_overrides, *study.stage1_overrides], capacity_factor=capacity)
+                                study.targets, Path(model["sdxl_dir"]), scoring, wanted,
+                                extra=[*data_overrides, *study.stage1_overrides])
     return [f"--model.init_args.{ENCODER_OPTION[t]}={path}" for t, path in fitted.items()]
 
 

@@ -68,25 +68,29 @@ def world_data_overrides(data_dir: Path, subjects: list[str], targets: Path | No
             f"--data.init_args.targets={{{target}: {cache / target}}}", f"--model.init_args.target={target}"]
 
 
+def router_overrides(router: str) -> list[str]:
+    """The stage-1 CLI overrides of a ``ROUTERS`` entry: the router's unit scoring and, if set, its capacity."""
+    scoring, capacity = ROUTERS[router]
+    return [f"--model.init_args.moe.init_args.scoring={scoring}",
+            *([f"--model.init_args.moe.init_args.capacity_factor={capacity}"] if capacity else [])]
+
+
 def fit_world_encoders(root: Path, data_dir: Path, subjects: list[str], targets: Path | None, world: Path,
-                       scoring: str, targets_to_fit: tuple[str, ...] = ("clip_image", "clip_text"), seed: int = 0,
-                       epochs: int | None = None, extra: list[str] | None = None,
-                       capacity_factor: float | None = None) -> dict[str, Path]:
+                       router: str, targets_to_fit: tuple[str, ...] = ("clip_image", "clip_text"), seed: int = 0,
+                       epochs: int | None = None, extra: list[str] | None = None) -> dict[str, Path]:
     """{target: last.ckpt}: the world's stage-1 encoders (``STAGE1_WORLD``, widths from ``world``) of each target
-    with the router's unit scoring ``scoring`` (``model.moe.scoring``; ``capacity_factor`` None keeps the
-    configs', the paper's 1), fitted and tested (or read back) under ``root/<target>_<scoring>[_cap<c>]/run``.
-    ``targets``: see ``world_data_overrides``; ``epochs`` None keeps the configs'; ``extra``: more CLI overrides."""
+    with the ``ROUTERS`` entry ``router`` (``router_overrides``), fitted and tested (or read back) under
+    ``root/<target>_<scoring>[_cap<c>]/run``. ``targets``: see ``world_data_overrides``; ``epochs`` None keeps
+    the configs'; ``extra``: more CLI overrides."""
     from experiments.world.validate import stage1_width_overrides
 
+    scoring, capacity = ROUTERS[router]
     out = {}
     for target in targets_to_fit:
-        overrides = [*world_data_overrides(data_dir, subjects, targets, target),
-                     f"--model.init_args.moe.init_args.scoring={scoring}", f"--seed_everything={seed}",
-                     *([f"--model.init_args.moe.init_args.capacity_factor={capacity_factor}"] if capacity_factor
-                       else []),
-                     *stage1_width_overrides(world), *([f"--trainer.max_epochs={epochs}"] if epochs else []),
-                     *(extra or [])]
-        name = f"{target}_{scoring}" + (f"_cap{capacity_factor:g}" if capacity_factor else "")
+        overrides = [*world_data_overrides(data_dir, subjects, targets, target), *router_overrides(router),
+                     f"--seed_everything={seed}", *stage1_width_overrides(world),
+                     *([f"--trainer.max_epochs={epochs}"] if epochs else []), *(extra or [])]
+        name = f"{target}_{scoring}" + (f"_cap{capacity:g}" if capacity else "")
         result = fit_and_test(STAGE1_WORLD[target], overrides, Path(root), name)
         out[target] = Path(result["dir"]) / "checkpoints" / "last.ckpt"
     return out

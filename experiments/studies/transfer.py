@@ -57,7 +57,7 @@ class TransferStudy:
     bootstrap: int = 200
 
 
-def _data_args(study: TransferStudy, subjects: list[str], sessions: int | None) -> list[str]:
+def data_args(study: TransferStudy, subjects: list[str], sessions: int | None) -> list[str]:
     out = Path(study.out_dir)
     args = [f"--data.init_args.data_dir={study.data_dir}", f"--data.init_args.subjects=[{', '.join(subjects)}]",
             f"--data.init_args.targets={{{study.target}: targets/{study.target}}}",
@@ -98,7 +98,7 @@ def run_transfer_study(study: TransferStudy) -> dict[str, Any]:
         subjects, sessions, extra = plans[name]
         if name in FROM_SOURCE:
             extra = [*extra, f"--model.init_args.init_from={Path(results['source']['dir']) / 'checkpoints/last.ckpt'}"]
-        results[name] = fit_and_test(study.configs, [*_data_args(study, subjects, sessions), *extra], out, name)
+        results[name] = fit_and_test(study.configs, [*data_args(study, subjects, sessions), *extra], out, name)
         results[name].update(subjects=subjects, sessions=sessions or "all")
     rows = []
     for name, r in results.items():

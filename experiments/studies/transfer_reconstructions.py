@@ -47,9 +47,9 @@ def reconstruct_runs(study, results: dict[str, dict]) -> dict[str, Any]:
     predict_args.append(f"--data.init_args.subjects=[{new}]")
     rows: dict[str, list[str]] = {run: [f"--model.init_args.{option}={_checkpoint(r)}"]
                                   for run, r in results.items() if run != "source"}
-    from experiments.studies.transfer import _data_args
+    from experiments.studies.transfer import data_args
 
-    ridge = ridge_predictions(out / "ridge" / study.target, study.target, _data_args(study, [new], study.sessions),
+    ridge = ridge_predictions(out / "ridge" / study.target, study.target, data_args(study, [new], study.sessions),
                               configs=study.configs)
     rows["ridge"] = [*rows.get("transfer", []), tables_override({branch: ridge["dir"]})]
     target_dir = Path(study.data_dir) / "targets" / study.target
