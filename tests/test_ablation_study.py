@@ -64,12 +64,21 @@ def test_the_study_fits_every_row_from_one_seed_with_its_ablation_config_and_wri
     assert "Routers and baselines side by side" in report and A.DENSE_LABEL in report and A.RIDGE_LABEL in report
 
 
+def _stage2_model(out: Path, row: str) -> dict:
+    return yaml.safe_load((out / "runs" / row / "run" / "config.yaml").read_text())["model"]["init_args"]
+
+
+def _assert_full_model_but_its_encoders(out: Path, row: str) -> dict:
+    """The row's stage-2 config is the full model's but for its stage-1 encoders -> the row's model config."""
+    mine, full = _stage2_model(out, row), _stage2_model(out, A.FULL)
+    assert {k: v for k, v in mine.items() if not k.endswith("_encoder")} == \
+        {k: v for k, v in full.items() if not k.endswith("_encoder")}
+    return mine
+
+
 def test_the_unit_router_row_is_the_full_model_on_encoders_that_keep_unit_identity(study, record):
     out = Path(study.out_dir)
-    unit = yaml.safe_load((out / "runs" / A.UNIT_ROUTER / "run" / "config.yaml").read_text())["model"]["init_args"]
-    full = yaml.safe_load((out / "runs" / A.FULL / "run" / "config.yaml").read_text())["model"]["init_args"]
-    assert {k: v for k, v in unit.items() if not k.endswith("_encoder")} == \
-        {k: v for k, v in full.items() if not k.endswith("_encoder")}
+    unit = _assert_full_model_but_its_encoders(out, A.UNIT_ROUTER)
     for target, option in (("clip_image", "image_encoder"), ("clip_text", "text_encoder")):
         assert unit[option] == str(out / "stage1" / f"{target}_unit" / "run" / "checkpoints" / "last.ckpt")
         stage1 = yaml.safe_load((out / "stage1" / f"{target}_unit" / "run" / "config.yaml").read_text())
@@ -81,10 +90,7 @@ def test_the_unit_router_row_is_the_full_model_on_encoders_that_keep_unit_identi
 
 def test_the_baselines_are_the_full_model_on_dense_encoders_and_on_ridge_embeddings(study, record):
     out = Path(study.out_dir)
-    dense = yaml.safe_load((out / "runs" / A.DENSE_ROUTER / "run" / "config.yaml").read_text())["model"]["init_args"]
-    full = yaml.safe_load((out / "runs" / A.FULL / "run" / "config.yaml").read_text())["model"]["init_args"]
-    assert {k: v for k, v in dense.items() if not k.endswith("_encoder")} == \
-        {k: v for k, v in full.items() if not k.endswith("_encoder")}
+    _assert_full_model_but_its_encoders(out, A.DENSE_ROUTER)
     for target in ("clip_image", "clip_text"):
         stage1 = yaml.safe_load((out / "stage1" / f"{target}_value_cap2" / "run" / "config.yaml").read_text())
         moe = stage1["model"]["init_args"]["moe"]["init_args"]
