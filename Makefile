@@ -83,6 +83,7 @@ world: install ## Train the learned miniature world (CLIP, VAE, SDXL-shaped UNet
 
 .PHONY: studies
 studies: install ## The studies on the learned world (after make demo): ablations, temporal router, bottleneck, transfer, spatial control (both routers)
+	$(BIN)/python -m experiments.demo --runs $(LOGS) --routers reference --stage1-only  # the value encoders they read
 	$(BIN)/python -m experiments.ablation_study --data $(DATA) --out $(LOGS)/ablation_study \
 	--image-encoder $(LOGS)/stage1_world_image/demo/checkpoints/last.ckpt \
 	--text-encoder $(LOGS)/stage1_world_text/demo/checkpoints/last.ckpt
@@ -94,7 +95,7 @@ studies: install ## The studies on the learned world (after make demo): ablation
 	$(BIN)/python -m experiments.transfer_study --data $(DATA) --out $(LOGS)/studies/transfer_dense --stage2 \
 	--target clip_image -- --model.init_args.moe.init_args.capacity_factor=2.0
 	$(BIN)/python -m experiments.spatial_control_study --out $(LOGS)/studies/spatial_control --data $(DATA) \
-	--predict $(LOGS)/stage2_world/demo_brain/reconstructions \
+	--predict $(LOGS)/studies/temporal_router/kl_0.1/test_brain/reconstructions \
 	--image-encoder $(LOGS)/stage1_world_image/demo/checkpoints/last.ckpt \
 	--text-encoder $(LOGS)/stage1_world_text/demo/checkpoints/last.ckpt
 	$(BIN)/python -m experiments.spatial_control_study --out $(LOGS)/studies/spatial_control_unit --data $(DATA) \

@@ -1,11 +1,13 @@
 """Cached per-image targets and latents, joined to batches by ``nsd_id``.
 
 A cache is a directory holding ``ids.npy`` (N,) sorted unique int64 ``nsd_id``, ``values.npy`` (N, ...) and
-``meta.json`` (``format_version``, producing ``model``, ``layer``, per-item ``shape``, ``dtype``, provenance).
+``meta.json`` (``format_version``, producing ``model`` and its weights' ``model_sha256``, ``layer``, per-item
+``shape``, ``dtype``, provenance).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +20,22 @@ import numpy as np
 from datamodules.common import DataFormatError, provenance
 
 TARGET_FORMAT_VERSION = 1
+
+
+def model_fingerprint(model: str | Path) -> str | None:
+    """sha256 over the weight files (``*.safetensors``, ``*.bin``) of a model file or directory, in path order;
+    None when there are none (a name, not local weights). A cache records it, so one computed with other weights
+    at the same path is recognised as stale."""
+    root = Path(model)
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()) if root.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(root) if f != root else f.name).encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
 
 
 def write_target_cache(directory: str | Path, ids: np.ndarray, values: np.ndarray, *, model: str, layer: str,
@@ -37,7 +55,8 @@ def write_target_cache(directory: str | Path, ids: np.ndarray, values: np.ndarra
     try:
         np.save(tmp / "ids.npy", ids[order])
         np.save(tmp / "values.npy", values[order])
-        meta = {"format_version": TARGET_FORMAT_VERSION, "model": model, "layer": layer,
+        meta = {"format_version": TARGET_FORMAT_VERSION, "model": model, "model_sha256": model_fingerprint(model),
+                "layer": layer,
                 "shape": list(values.shape[1:]), "dtype": str(values.dtype), "count": len(ids),
                 "provenance": provenance(**(extra or {}))}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

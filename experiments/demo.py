@@ -4,8 +4,10 @@ Steps, each skipped when its output exists: generate the synthetic dataset (our 
 import the MindEyeV2 layout with the real importer, check the learned world (``experiments/world/default``: CLIP,
 VAE, SDXL-shaped UNet and IP-Adapter trained on synthetic scenes; ``make world`` rebuilds it) and cache the
 stage-1 targets with its CLIP. Then stage 1: the text-target and the image-target encoders (3 subjects, the
-paper's ``capacity_factor: 1``), each tested beside a ridge baseline whose test predictions are kept. Then stage 2
-on the world's SDXL with its IP-Adapter frozen (LoRA, temporal and spatial routers of both branches), and
+paper's ``capacity_factor: 1``, the router that keeps unit identity; ``--routers reference`` fits the paper's
+reference router instead, what ``make studies`` reads, and stops), each tested beside a ridge baseline whose test
+predictions are kept. Then stage 2 on the world's SDXL with its IP-Adapter frozen (LoRA, temporal and spatial
+routers of both branches), and
 ``predict`` of every test image under four conditions through the same sampler: ceiling (true embeddings), brain,
 ridge and shuffled brain, scored with the evaluation suite and the world's CLIP. Prints one table and writes a
 truth | ceiling | brain | ridge grid. Each step is also a command of its own (README).
@@ -23,6 +25,9 @@ from pathlib import Path
 WORLD = "experiments/world/default"
 CONFIGS = ["configs/base/trainer.yaml", "configs/stage1/tiny_synthetic.yaml", "configs/stage1/world.yaml"]
 IMAGE_CONFIGS = [*CONFIGS, "configs/stage1/tiny_synthetic_image.yaml"]
+# router -> (run-name suffix, overlay): the router that keeps unit identity is what the demo's stage 2 reads; the
+# paper's reference router (configs/stage1/world.yaml alone) is what the studies read as their value encoders
+ROUTERS = {"reference": ("", []), "unit": ("_unit", ["configs/stage1/world_unit.yaml"])}
 STAGE2_CONFIGS = ["configs/base/stage2_trainer.yaml", "configs/stage2/world_synthetic.yaml"]
 SUBJECTS = [1, 2, 3]
 
@@ -43,9 +48,15 @@ def time_summary(end: float) -> str:
 
 
 def targets_current(directory: Path, model: Path) -> bool:
-    """A target cache exists and was computed with ``model`` (a stale cache from other models is redone)."""
-    meta = directory / "meta.json"
-    return meta.is_file() and json.loads(meta.read_text()).get("model") == str(model.resolve())
+    """A target cache exists and was computed with ``model``'s present weights (a cache from another model, or
+    from other weights at the same path, e.g. a rebuilt world, is redone)."""
+    from datamodules.target_cache import model_fingerprint
+
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file():
+        return False
+    meta = json.loads(meta_path.read_text())
+    return meta.get("model") == str(model.resolve()) and meta.get("model_sha256") == model_fingerprint(model)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", default=WORLD, help="the learned world (make world rebuilds it into data/world)")
     parser.add_argument("--runs", default="runs", help="log root; runs are <runs>/<name>/<version>")
     parser.add_argument("--version", default="demo")
+    parser.add_argument("--routers", nargs="+", choices=list(ROUTERS), default=["unit"],
+                        help="stage-1 routers to fit: unit (the router that keeps unit identity; stage 2 reads it) "
+                             "and/or reference (the paper's; what `make studies` reads as its value encoders)")
+    parser.add_argument("--stage1-only", action="store_true", help="stop after stage 1")
     args = parser.parse_args(argv)
     data, world, start = Path(args.data), Path(args.world), time.perf_counter()
     STEPS.clear()  # a second main() in one process times only its own steps
@@ -99,22 +114,28 @@ def main(argv: list[str] | None = None) -> int:
                 f"--data.init_args.data_dir={data}"], run_dir
 
     stage1 = {}
-    for target, configs, name in (("clip_text", CONFIGS, "stage1_world_text"),
-                                  ("clip_image", IMAGE_CONFIGS, "stage1_world_image")):
-        common, run_dir = options(configs, name)
-        t = step(f"fit stage 1, {target} target (3 subjects, capacity_factor 1, CPU)")
-        cli_main(["fit", *common])
-        print(f"fit took {time.perf_counter() - t:.0f} s")
-        step(f"test {target} on the shared test images, beside a ridge baseline")
-        cli_main(["test", *common, f"--ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "--verbose=false"])
-        ridge_main([*common[: 2 * len(configs)], "--data-dir", str(data), "--compare", str(run_dir / "test_metrics.json"), "--predictions", str(ridge_dir / target)])
-        stage1[target] = run_dir
+    for router in sorted(set(args.routers)):
+        suffix, extra = ROUTERS[router]
+        for target, configs, name in (("clip_text", [*CONFIGS, *extra], "stage1_world_text"),
+                                      ("clip_image", [*IMAGE_CONFIGS, *extra], "stage1_world_image")):
+            common, run_dir = options(configs, name + suffix)
+            t = step(f"fit stage 1, {target} target, {router} router (3 subjects, capacity_factor 1, CPU)")
+            cli_main(["fit", *common])
+            print(f"fit took {time.perf_counter() - t:.0f} s")
+            step(f"test {target} ({router} router) on the shared test images, beside a ridge baseline")
+            cli_main(["test", *common, f"--ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "--verbose=false"])
+            ridge_main([*common[: 2 * len(configs)], "--data-dir", str(data), "--compare",
+                        str(run_dir / "test_metrics.json"), "--predictions", str(ridge_dir / target)])
+            stage1[target + suffix] = run_dir
 
+    if args.stage1_only or "unit" not in args.routers:
+        print(f"\nstage 1: {', '.join(str(d) for d in stage1.values())}")
+        return 0
     stage2, stage2_dir = options(STAGE2_CONFIGS, "stage2_world")
     stage2 += [f"--model.init_args.sdxl_dir={world}",
                f"--model.init_args.ip_adapter_weights={world / 'ip_adapter.safetensors'}",
-               f"--model.init_args.image_encoder={stage1['clip_image'] / 'checkpoints' / 'last.ckpt'}",
-               f"--model.init_args.text_encoder={stage1['clip_text'] / 'checkpoints' / 'last.ckpt'}"]
+               f"--model.init_args.image_encoder={stage1['clip_image_unit'] / 'checkpoints' / 'last.ckpt'}",
+               f"--model.init_args.text_encoder={stage1['clip_text_unit'] / 'checkpoints' / 'last.ckpt'}"]
     t = step("fit stage 2 on the world's SDXL (IP-Adapter frozen; LoRA and both branches' routers trained)")
     cli_main(["fit", *stage2])
     print(f"fit took {time.perf_counter() - t:.0f} s")
@@ -135,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = rows.rows_grid(data, "subj01", {k: recon[k] for k in ("ceiling", "brain", "ridge")},
                           stage2_dir / "truth_vs_reconstruction.png")
     print(f"\nstage 1 (TensorBoard logs, checkpoints, config.yaml, test_metrics.json): "
-          f"{stage1['clip_text']}, {stage1['clip_image']}")
+          f"{', '.join(str(d) for d in stage1.values())} (stage 2 reads the _unit ones)")
     print(f"stage 2: {stage2_dir}; reconstructions and per-step routing per row: {runs / 'stage2_world'}")
     print(f"table: {record}; truth | ceiling | brain | ridge: {grid}   (make tensorboard)")
     end = time.perf_counter()

@@ -18,7 +18,8 @@ def stacks() -> list[list[Path]]:
     out = []
     tiny, paper = CONFIGS / "stage1/tiny_synthetic.yaml", CONFIGS / "stage1/image_nsd.yaml"
     below = {"tiny_synthetic_image.yaml": [tiny], "tiny_study.yaml": [tiny], "bottleneck.yaml": [paper],
-             "interpret_positive_control.yaml": [tiny], "world.yaml": [tiny]}
+             "interpret_positive_control.yaml": [tiny], "world.yaml": [tiny],
+             "world_unit.yaml": [tiny, CONFIGS / "stage1/world.yaml"]}
     for config in sorted((CONFIGS / "stage1").glob("*.yaml")):
         out.append([CONFIGS / "base/trainer.yaml", *below.get(config.name, []), config])
     for config in sorted((CONFIGS / "stage1/transfer").glob("*.yaml")):
@@ -84,10 +85,16 @@ def test_transfer_configs_set_what_they_name():
     assert stage2.trainable == ["routers"] and stage2.init_from
 
 
-def test_the_world_configs_keep_the_papers_expert_choice_and_route_every_expert_through_the_prior():
-    stage1 = parse([CONFIGS / "base/trainer.yaml", CONFIGS / "stage1/tiny_synthetic.yaml",
-                    CONFIGS / "stage1/world.yaml", CONFIGS / "stage1/tiny_synthetic_image.yaml"])["model"]["init_args"]
+def test_the_world_configs_keep_the_papers_capacity_and_route_every_expert_through_the_prior():
+    """The world's stage 1 keeps the paper's capacity_factor 1 with the reference router (the studies' ``value``
+    encoders), the demo's overlay the unit-identity router; both supervise every level (stage 2 routes them)."""
+    stack = [CONFIGS / "base/trainer.yaml", CONFIGS / "stage1/tiny_synthetic.yaml", CONFIGS / "stage1/world.yaml"]
+    stage1 = parse([*stack, CONFIGS / "stage1/tiny_synthetic_image.yaml"])["model"]["init_args"]
     assert stage1.moe.init_args.capacity_factor == 1.0 and stage1.prior_inputs == ["mean", "experts"]
+    assert stage1.moe.init_args.scoring == "value" and stage1.supervise_levels
+    unit = parse([*stack, CONFIGS / "stage1/world_unit.yaml", CONFIGS / "stage1/tiny_synthetic_image.yaml"])
+    assert unit["model"]["init_args"].moe.init_args.scoring == "unit"
+    assert unit["model"]["init_args"].moe.init_args.capacity_factor == 1.0
     assert stage1.target == "clip_image" and stage1.moe.init_args.out_dim == stage1.prior.init_args.embed_dim
     stage2 = parse([CONFIGS / "base/stage2_trainer.yaml", CONFIGS / "stage2/world_synthetic.yaml"])["model"]
     args = stage2["init_args"]

@@ -144,3 +144,20 @@ def test_a_scheduler_from_the_config_replaces_onecycle(small_data, targets, tmp_
     assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR) and scheduler.step_size == 7
     decay = {g["weight_decay"] for g in config["optimizer"].param_groups}
     assert decay == {0.0, 0.01}  # biases and norms are not decayed
+
+
+def test_a_cache_from_other_weights_at_the_same_path_is_stale(small_data, tiny, tmp_path):
+    """The demo redoes a target cache when the model directory's weights changed (a rebuilt world), not only when
+    the path did."""
+    import shutil
+
+    from experiments.demo import targets_current
+
+    model = tmp_path / "image_encoder"
+    shutil.copytree(tiny / "image_encoder", model)
+    written = cache_targets(small_data, [1], tmp_path / "targets", image_model=str(model), batch_size=16)
+    assert targets_current(written["clip_image"], model)
+    assert not targets_current(written["clip_image"], tiny / "image_encoder")  # another path
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # other weights, same path
+    assert not targets_current(written["clip_image"], model)

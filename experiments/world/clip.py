@@ -3,7 +3,11 @@
 Image tower: ``CLIPVisionModelWithProjection`` (B, 3, S, S) -> ``image_embeds`` (B, P). Text tower:
 ``CLIPTextModelWithProjection`` (B, L) token ids -> ``text_embeds`` (B, P) and hidden states (B, L, H). Loss:
 symmetric InfoNCE with a learnable temperature; captions that are the same string count as positives of each
-other. SDXL's first text encoder (``text_encoder/``, a ``CLIPTextModel``) is the same trained transformer without its
+other; the full caption (template 0: size, colour, texture, object, quadrant) is drawn with probability
+``full_caption_prob`` (else a uniform template). Optionally, as in SLIP, a second image-image InfoNCE between two
+degraded views of each scene (a random blend towards a Gaussian blur, random pixel noise: what a reconstruction
+does to an image) with weight ``view_weight``: the embedding then tells scenes apart instance by instance and
+shrugs off blur, so a faithful reconstruction is identified as its stimulus. SDXL's first text encoder (``text_encoder/``, a ``CLIPTextModel``) is the same trained transformer without its
 projection (the simplest honest choice: one learned text space, read by both SDXL slots).
 """
 
@@ -43,6 +47,10 @@ class ClipConfig:
     batch: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
+    full_caption_prob: float = 0.0  # template 0 (every factor named) drawn this often, else a uniform template
+    view_weight: float = 0.0  # weight of the image-image InfoNCE between two degraded views (0: off)
+    blur: float = 0.0  # a view blends up to this far towards a Gaussian blur (sigma 0.75 input px)
+    noise: float = 0.0  # a view gets pixel noise of std up to this (pixels in [0, 1])
 
 
 def build_clip(cfg: ClipConfig, tokenizer):
@@ -75,10 +83,10 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 def train_clip(cfg: ClipConfig, scenes: Scenes, tokenizer, image_size: int, seed: int, show: bool = True):
-    """Train both towers on ``scenes`` (each step: ``batch`` images, one random caption template each)."""
+    """Train both towers on ``scenes`` (each step: ``batch`` images, one caption each, see the module docstring)."""
     gen = seed_everything(seed)
     vision, text = build_clip(cfg, tokenizer)
-    pixels = clip_pixels(torch.from_numpy(scenes.pixels()), cfg.input_size)
+    pixels = clip_pixels(torch.from_numpy(scenes.pixels()), cfg.input_size, normalise=False)
     flat = [c for caps in scenes.captions for c in caps]
     ids = tokenize(tokenizer, flat).view(len(scenes), len(scenes.captions[0]), -1)  # (N, 5, L)
     _, caption_id = np.unique(np.array(flat), return_inverse=True)
@@ -90,29 +98,54 @@ def train_clip(cfg: ClipConfig, scenes: Scenes, tokenizer, image_size: int, seed
     vision.train()
     text.train()
     losses = []
+    views = 2 if cfg.view_weight > 0 else 1
     for _ in progress(range(cfg.steps), "clip", enabled=show):
         idx = torch.randint(0, len(scenes), (cfg.batch,), generator=gen)
         tpl = torch.randint(0, ids.shape[1], (cfg.batch,), generator=gen)
-        img = F.normalize(vision(pixel_values=pixels[idx]).image_embeds, dim=-1)
+        tpl = torch.where(torch.rand(cfg.batch, generator=gen) < cfg.full_caption_prob, 0, tpl)
+        x = degrade(pixels[idx].repeat(views, 1, 1, 1), cfg.blur, cfg.noise, gen)
+        img = F.normalize(vision(pixel_values=clip_normalise(x)).image_embeds, dim=-1).chunk(views)
         txt = F.normalize(text(input_ids=ids[idx, tpl]).text_embeds, dim=-1)
         cid = caption_id[idx, tpl]
         same = (cid[:, None] == cid[None]).float()
-        target = same / same.sum(1, keepdim=True)
-        logits = logit_scale.clamp(max=math.log(100)).exp() * img @ txt.T
-        loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
-                      + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
+        scale = logit_scale.clamp(max=math.log(100)).exp()
+        loss = symmetric_info_nce(scale * img[0] @ txt.T, same / same.sum(1, keepdim=True))
+        if views == 2:
+            loss = loss + cfg.view_weight * symmetric_info_nce(scale * img[0] @ img[1].T, torch.eye(cfg.batch))
         losses.append(optimiser_step(loss, opt, sched, params))
     return vision.eval(), text.eval(), {"final_loss": float(np.mean(losses[-50:])),
                                         "temperature": float(1 / logit_scale.detach().exp())}
 
 
-def clip_pixels(pixels: torch.Tensor, input_size: int) -> torch.Tensor:
+def symmetric_info_nce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, B) logits, (B, B) row-stochastic target -> mean of both directions' soft cross-entropy."""
+    return 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+                  + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
+
+
+def degrade(pixels: torch.Tensor, blur: float, noise: float, gen: torch.Generator) -> torch.Tensor:
+    """(B, 3, s, s) in [0, 1] -> the same blended a uniform [0, ``blur``) of the way towards a Gaussian blur
+    (sigma 0.75 px) plus pixel noise of std uniform in [0, ``noise``), clamped to [0, 1]."""
+    if blur <= 0 and noise <= 0:
+        return pixels
+    b, c = pixels.shape[:2]
+    kernel = torch.exp(-0.5 * (torch.arange(-2, 3.0) / 0.75) ** 2)
+    kernel = (kernel / kernel.sum()).repeat(c, 1)
+    soft = F.conv2d(F.pad(pixels, (2, 2, 0, 0), mode="replicate"), kernel.view(c, 1, 1, 5), groups=c)
+    soft = F.conv2d(F.pad(soft, (0, 0, 2, 2), mode="replicate"), kernel.view(c, 1, 5, 1), groups=c)
+    x = pixels + blur * torch.rand(b, 1, 1, 1, generator=gen) * (soft - pixels)
+    x = x + noise * torch.rand(b, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
+    return x.clamp(0, 1)
+
+
+def clip_pixels(pixels: torch.Tensor, input_size: int, normalise: bool = True) -> torch.Tensor:
     """(B, 3, S, S) in [0, 1] -> (B, 3, s, s) the tower's input, exactly as ``ClipImageEmbedder.preprocess``
-    computes it from a ``shortest_edge = s`` processor config (bicubic antialiased resize, clamp, normalise)."""
+    computes it from a ``shortest_edge = s`` processor config (bicubic antialiased resize, clamp, normalise; the
+    resized [0, 1] pixels with ``normalise=False``)."""
     if pixels.shape[-1] != input_size:
         pixels = F.interpolate(pixels.float(), size=(input_size, input_size), mode="bicubic", antialias=True,
                                align_corners=False)
-    return clip_normalise(pixels.clamp(0, 1))
+    return clip_normalise(pixels.clamp(0, 1)) if normalise else pixels.clamp(0, 1)
 
 
 def save_clip(vision, text, tokenizer, input_size: int, out: Path) -> None:
