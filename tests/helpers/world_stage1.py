@@ -1,5 +1,6 @@
 """Stage 1 on the reduced learned world for the tests that decode through stage 2: the world CLIP's targets of
-the small dataset, and a short stage-1 fit per target (subject 1, the prior on every expert), through the CLI."""
+the small dataset, and a short stage-1 fit per target (subject 1, the prior on every expert, the demo's router that
+keeps unit identity), through the CLI."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE1 = [REPO / "configs/base/trainer.yaml", REPO / "configs/stage1/tiny_synthetic.yaml",
-          REPO / "configs/stage1/world.yaml"]
+          REPO / "configs/stage1/world.yaml", REPO / "configs/stage1/world_unit.yaml"]
 
 
 def cache_world_targets(world: Path, data: Path, root: Path) -> Path:
