@@ -27,14 +27,19 @@ def model_fingerprint(model: str | Path) -> str | None:
     None when there are none (a name, not local weights). A cache records it, so one computed with other weights
     at the same path is recognised as stale."""
     root = Path(model)
-    files = [root] if root.is_file() else sorted(
-        p for p in root.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()) if root.is_dir() else []
+    if root.is_file():
+        files = {root.name: root}
+    elif root.is_dir():
+        files = {str(p.relative_to(root)): p for p in sorted(root.rglob("*"))
+                 if p.suffix in (".safetensors", ".bin") and p.is_file()}
+    else:
+        files = {}
     if not files:
         return None
     digest = hashlib.sha256()
-    for f in files:
-        digest.update(str(f.relative_to(root) if f != root else f.name).encode())
-        digest.update(f.read_bytes())
+    for name, path in files.items():
+        digest.update(name.encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 

@@ -7,10 +7,9 @@ stage-1 targets with its CLIP. Then stage 1: the text-target and the image-targe
 paper's ``capacity_factor: 1``, the router that keeps unit identity; ``--routers reference`` fits the paper's
 reference router instead, what ``make studies`` reads, and stops), each tested beside a ridge baseline whose test
 predictions are kept. Then stage 2 on the world's SDXL with its IP-Adapter frozen (LoRA, temporal and spatial
-routers of both branches), and
-``predict`` of every test image under four conditions through the same sampler: ceiling (true embeddings), brain,
-ridge and shuffled brain, scored with the evaluation suite and the world's CLIP. Prints one table and writes a
-truth | ceiling | brain | ridge grid. Each step is also a command of its own (README).
+routers of both branches), and ``predict`` of every test image under four conditions through the same sampler:
+ceiling (true embeddings), brain, ridge and shuffled brain, scored with the evaluation suite and the world's CLIP.
+Prints one table and writes a truth | ceiling | brain | ridge grid. Each step is also a command of its own (README).
 """
 
 from __future__ import annotations
