@@ -24,6 +24,7 @@ from datamodules.shard_format import FORMAT_VERSION
 from lightning_modules import frozen_sdxl, routed_sampling, sdxl_loading, stage1_conditions, stage2_parts
 from lightning_modules.adamw import AdamWImpl, adamw
 from lightning_modules.components.brain_prompt import PooledMode, PromptMode
+from lightning_modules.components.diffusion_loss import training_noise
 from lightning_modules.components.injection import ImageTokenProjection, install_processors
 from lightning_modules.components.level_prior import KLDirection
 from lightning_modules.components.routed_branch import BranchSpec
@@ -203,9 +204,7 @@ class RoutedDiffusionModule(RoutedConditioning, L.LightningModule):
 
     def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> torch.Tensor:
         latents, experts = self.encode_batch(batch)
-        noise = torch.randn_like(latents)
-        if self.hparams.noise_offset:
-            noise = noise + self.hparams.noise_offset * torch.randn(*latents.shape[:2], 1, 1, device=latents.device)
+        noise = training_noise(latents, self.hparams.noise_offset)
         t = torch.randint(0, self.num_train_timesteps, (len(latents),), device=latents.device)
         drop = (torch.rand(len(latents), device=latents.device) < self.hparams.condition_dropout
                 if self.hparams.condition_dropout else None)

@@ -263,3 +263,15 @@ def test_min_snr_weights_equal_the_formula():
     expected = np.minimum(snr, 1.5) / snr
     assert np.allclose(min_snr_weights(scheduler.alphas_cumprod, t, 1.5).numpy(), expected, rtol=1e-5)
     assert torch.equal(min_snr_weights(scheduler.alphas_cumprod, t, None), torch.ones(4))
+
+
+def test_offset_noise_adds_one_constant_per_sample_and_channel_and_none_without_an_offset():
+    from lightning_modules.components.diffusion_loss import training_noise
+
+    latents = torch.zeros(4096, 4, 8, 8)
+    plain = training_noise(latents, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(plain, torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)))
+    noise = training_noise(latents, 0.3, torch.Generator().manual_seed(0))
+    offset = noise - plain  # the same stream first, then the offsets
+    assert torch.allclose(offset, offset[..., :1, :1].expand_as(offset), atol=1e-6)  # constant over the pixels
+    assert abs(float(offset[:, :, 0, 0].std()) - 0.3) < 0.01  # std 0.3 across samples and channels

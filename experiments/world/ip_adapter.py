@@ -31,6 +31,7 @@ class IpConfig:
     drop_text: float = 0.3
     drop_image: float = 0.05
     drop_both: float = 0.05
+    noise_offset: float = 0.0  # as UnetConfig.noise_offset
 
 
 def attach(unet, embed_dim: int):
@@ -81,7 +82,7 @@ def train_ip_adapter(cfg: IpConfig, unet, latents: torch.Tensor, latent_std: tor
         cap = torch.where(no_text, empty, cap)
         emb = torch.where(no_image[:, None], 0.0, image_embeds[idx])
         z0 = latents[idx] + latent_std[idx] * torch.randn(latents[idx].shape, generator=gen)
-        zt, noise, t = noisy(z0, gen, acp)
+        zt, noise, t = noisy(z0, gen, acp, cfg.noise_offset)
         tokens = projection(emb[:, None])
         pred = unet(zt, t, encoder_hidden_states=prompt[cap],
                     added_cond_kwargs={"text_embeds": pooled[cap], "time_ids": ids},

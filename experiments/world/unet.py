@@ -31,6 +31,7 @@ class UnetConfig:
     batch: int = 64
     lr: float = 1e-3
     uncond_prob: float = 0.1
+    noise_offset: float = 0.0  # std of the per-channel offset added to the training noise (0: plain noise)
 
 
 def build_unet(cfg: UnetConfig, latent_size: int, cross_dim: int, pooled_dim: int):
@@ -80,10 +81,13 @@ def encode_prompts(te1, te2, tokenizer, captions: list[str], batch: int = 512):
     return torch.cat(hidden), torch.cat(pooled)
 
 
-def noisy(latents: torch.Tensor, gen: torch.Generator, acp: torch.Tensor):
-    """(B, 4, h, w) -> (noisy latents, noise, timesteps) with timesteps uniform over the 1000 training steps."""
+def noisy(latents: torch.Tensor, gen: torch.Generator, acp: torch.Tensor, offset: float = 0.0):
+    """(B, 4, h, w) -> (noisy latents, noise, timesteps) with timesteps uniform over the 1000 training steps.
+    ``offset``: the offset noise of ``training_noise``."""
+    from lightning_modules.components.diffusion_loss import training_noise
+
     t = torch.randint(0, len(acp), (len(latents),), generator=gen)
-    noise = torch.randn(latents.shape, generator=gen)
+    noise = training_noise(latents, offset, gen)
     a = acp[t].view(-1, 1, 1, 1)
     return a.sqrt() * latents + (1 - a).sqrt() * noise, noise, t
 
@@ -106,7 +110,7 @@ def train_unet(cfg: UnetConfig, latents: torch.Tensor, latent_std: torch.Tensor,
         cap = caption_index[idx, torch.randint(0, caption_index.shape[1], (cfg.batch,), generator=gen)]
         cap = torch.where(torch.rand(cfg.batch, generator=gen) < cfg.uncond_prob, empty, cap)
         z0 = latents[idx] + latent_std[idx] * torch.randn(latents[idx].shape, generator=gen)
-        zt, noise, t = noisy(z0, gen, acp)
+        zt, noise, t = noisy(z0, gen, acp, cfg.noise_offset)
         pred = unet(zt, t, encoder_hidden_states=prompt[cap],
                     added_cond_kwargs={"text_embeds": pooled[cap], "time_ids": ids}).sample
         loss = F.mse_loss(pred, noise)

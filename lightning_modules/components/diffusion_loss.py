@@ -1,8 +1,20 @@
-"""Diffusion training loss: epsilon MSE per sample with min-SNR-gamma weighting."""
+"""Diffusion training loss: epsilon MSE per sample with min-SNR-gamma weighting, and the training noise."""
 
 from __future__ import annotations
 
 import torch
+
+
+def training_noise(latents: torch.Tensor, offset: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, h, w) standard normal noise, plus offset noise (a per-sample, per-channel constant of
+    std ``offset``, diffusers' ``noise_offset``) when ``offset`` is set. Without it a model reads an image's mean
+    brightness from the starting noise's mean (the low frequencies survive the last timestep) and ignores its
+    conditioning for it: reconstructions come out mid-grey whatever the stimulus."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if offset:
+        noise = noise + offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
+                                             device=latents.device, dtype=latents.dtype)
+    return noise
 
 
 def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
