@@ -1,12 +1,12 @@
 """The bottleneck study end to end on the reduced world (its command, subject 1, the image branch alone, width 1
 against the unbottlenecked reference): outputs written with provenance, and the directions a width-1 bottleneck
-guarantees, for both routers and the dense (capacity 2) and ridge baselines. Measured here: embedding test top-1
-of 20, width 1 -> full: 0.15 -> 0.35 (value router), 0.05 -> 0.75 (unit), 0.10 -> 0.70 (dense), 0.10 -> 0.80
-(ridge); reconstructions' CLIP cosine -0.00 -> 0.05 (value), 0.07 -> 0.21 (unit), 0.11 -> 0.31 (dense), 0.15 -> 0.32
-(ridge), ceiling 0.32, shuffled 0.09. On this small dataset the reference (value) router's embeddings are too weak
-for 2 epochs of stage 2 on the reduced world (its reconstructions are at the shuffled level at both widths), so only
-the other decoders' full-width rows are held above the shuffled bound (and the ridge's full row may reach the
-ceiling: measured 0.323 against 0.320)."""
+guarantees, for both routers and the dense (capacity 2) and ridge baselines. Measured here (the reduced world with
+offset noise, 2026-12-06): embedding test top-1 of 20, width 1 -> full: 0.15 -> 0.35 (value router), 0.05 -> 0.75
+(unit), 0.10 -> 0.70 (dense), 0.10 -> 0.80 (ridge); reconstructions' CLIP cosine -0.04 -> 0.08 (value), 0.01 ->
+0.20 (unit), 0.11 -> 0.28 (dense), 0.07 -> 0.32 (ridge), ceiling 0.43, shuffled 0.11. On this small dataset the
+reference (value) router's embeddings are too weak for 2 epochs of stage 2 on the reduced world (its
+reconstructions are at the shuffled level at both widths), so only the other decoders' full-width rows are held
+above the shuffled bound (the ridge's full row may come near the ceiling: it reached it on an earlier world)."""
 
 from __future__ import annotations
 

@@ -64,13 +64,15 @@ PRESETS = {
     "full": Preset("full", 64, ClipConfig(steps=1000, input_size=32, patches=4, full_caption_prob=0.5, view_weight=0.5,
                                           blur=1.0, noise=0.04),
                    VaeConfig(blocks=(16, 32, 64), groups=2, steps=1200, batch=16, lr=1e-3, crop=32),
-                   UnetConfig(blocks=(32, 64, 64), heads=(2, 4, 4), groups=8, steps=1000, batch=32, lr=2e-3),
-                   IpConfig(steps=320, batch=48, drop_text=0.7), train_scenes=4000, heldout=300, generate_n=32, sample_steps=15),
+                   UnetConfig(blocks=(32, 64, 64), heads=(2, 4, 4), groups=8, steps=1000, batch=32, lr=2e-3,
+                              noise_offset=0.3),
+                   IpConfig(steps=320, batch=48, drop_text=0.7, noise_offset=0.3), train_scenes=4000, heldout=300, generate_n=32, sample_steps=15),
     "reduced": Preset("reduced", 32, ClipConfig(steps=300, input_size=32, patches=4, full_caption_prob=0.5,
                                                  view_weight=0.5, blur=1.0, noise=0.04),
                       VaeConfig(blocks=(8, 16, 32), groups=2, steps=400, batch=16, lr=1e-3),
-                      UnetConfig(blocks=(32, 64), heads=(2, 4), groups=8, steps=400, batch=32, lr=2e-3),
-                      IpConfig(steps=500, batch=32, lr=3e-3, drop_text=0.7), train_scenes=2000, heldout=200, generate_n=24, sample_steps=12),
+                      UnetConfig(blocks=(32, 64), heads=(2, 4), groups=8, steps=400, batch=32, lr=2e-3,
+                                 noise_offset=0.3),
+                      IpConfig(steps=500, batch=32, lr=3e-3, drop_text=0.7, noise_offset=0.3), train_scenes=2000, heldout=200, generate_n=24, sample_steps=12),
 }
 
 
