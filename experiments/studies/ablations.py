@@ -31,6 +31,7 @@ from experiments.studies.runs import (
     run_dir,
     world_data_overrides,
 )
+from experiments.studies.step_inputs import inputs_digest, is_current, record_inputs, start_step
 
 ABLATIONS = REPO / "configs/stage2/ablations"
 LABELS = {"text_image_ts": "Text+Image (TS)", "text_only": "Text only", "text_only_ts": "Text only (TS)",
@@ -153,10 +154,12 @@ def ridge_tables(study: AblationStudy) -> str:
 
 
 def fit_row(args: list[str], directory: Path) -> Path:
-    """Fit one row (resumed from its ``last.ckpt`` when an earlier fit stopped) -> its last checkpoint. A row
-    whose ``fit_done.json`` exists is read back."""
+    """Fit one row (resumed from its ``last.ckpt`` when an earlier fit of the same inputs stopped) -> its last
+    checkpoint. A row whose ``fit_done.json`` exists and whose inputs (``step_inputs``) are unchanged is read
+    back; one fitted from other inputs is redone."""
     from experiments.run import cli_main
 
+    start_step(directory, args)
     last, done = directory / "checkpoints" / "last.ckpt", directory / "fit_done.json"
     if not done.is_file():
         cli_main(["fit", *args, *([f"--ckpt_path={last}"] if last.exists() else [])])
@@ -167,6 +170,19 @@ def fit_row(args: list[str], directory: Path) -> Path:
 def predicted(directory: Path, subjects: list[str]) -> bool:
     """A finished ``predict``: every subject's ``manifest.json`` (written last) exists."""
     return all((directory / s / "manifest.json").is_file() for s in subjects)
+
+
+def predict_once(args: list[str], checkpoint: Path, out: Path, name: str, row: str, overrides: list[str],
+                 subjects: list[str]) -> Path:
+    """``predict`` of ``checkpoint`` with ``overrides`` into ``out/name/run_<row>/reconstructions`` (returned),
+    unless that holds a finished ``predict`` of the same inputs (the arguments and the checkpoint's content)."""
+    directory = out / name / f"run_{row}" / "reconstructions"
+    inputs = [*args, *overrides, str(checkpoint)]
+    digest = inputs_digest(inputs)
+    if not (predicted(directory, subjects) and is_current(directory, digest)):
+        predict_rows(args, checkpoint, out, name, "run", {row: overrides})
+        record_inputs(directory, digest, inputs)
+    return directory
 
 
 def difference(result, reference, metric: str) -> dict[str, Any]:
@@ -254,12 +270,11 @@ def run_ablation_study(study: AblationStudy, log=print) -> dict[str, Any]:
         log(f"== {row} ({LABELS.get(row, EXTRA_LABELS.get(row))}): fit {study.epochs} epochs, seed {study.seed}")
         checkpoint = fit_row(args, run_dir(out / "runs", row))
         timing[f"{row} fit"] = time.perf_counter() - t
+        without_version = [a for a in args if not a.startswith("--trainer.logger.init_args.version=")]
         for name, overrides in (full_conditions if row == FULL else {"predict": []}).items():
-            t, directory = time.perf_counter(), out / "runs" / row / f"run_{name}" / "reconstructions"
-            if not predicted(directory, study.subjects):
-                without_version = [a for a in args if not a.startswith("--trainer.logger.init_args.version=")]
-                predict_rows(without_version, checkpoint, out / "runs", row, "run", {name: overrides})
-            recon[row if name == "predict" else name] = directory
+            t = time.perf_counter()
+            recon[row if name == "predict" else name] = predict_once(without_version, checkpoint, out / "runs", row,
+                                                                     name, overrides, study.subjects)
             timing[f"{row} predict {name}"] = time.perf_counter() - t
     t = time.perf_counter()
     log("== evaluate every row with the world's CLIP")

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.common import DataFormatError, provenance, write_json_atomic
-from experiments.studies.ablations import fit_row, predicted
-from experiments.studies.reconstruction_rows import evaluate_rows, predict_rows, tables_override
+from experiments.studies.ablations import fit_row, predict_once
+from experiments.studies.reconstruction_rows import evaluate_rows, tables_override
 from experiments.studies.runs import (
     REPO,
     ROUTERS,
@@ -199,11 +199,9 @@ def run_bottleneck_study(study: BottleneckStudy, log=print) -> dict[str, Any]:
     recon = {}
     without_version = [a for a in args if not a.startswith("--trainer.logger.init_args.version=")]
     for row, overrides in conditions(study, stage1, ridge, used).items():
-        t, directory = time.perf_counter(), out / "stage2" / f"run_{row}" / "reconstructions"
-        if not predicted(directory, study.subjects):
-            log(f"== predict {row}")
-            predict_rows(without_version, checkpoint, out, "stage2", "run", {row: overrides})
-        recon[row] = directory
+        t = time.perf_counter()
+        log(f"== predict {row}")
+        recon[row] = predict_once(without_version, checkpoint, out, "stage2", row, overrides, study.subjects)
         timing[f"predict {row}"] = time.perf_counter() - t
     t = time.perf_counter()
     log("== evaluate every row with the world's CLIP")

@@ -93,13 +93,18 @@ def _args(study: TemporalStudy, name: str, kl_weight: float | None, encoder_args
 
 def fit_run(study: TemporalStudy, kl_weight: float, scoring: str = "value", encoder_args: list[str] | None = None
             ) -> Path:
-    """Fit stage 2 at ``kl_weight`` into ``out/<run_name>/run`` (skipped when its last checkpoint exists)."""
+    """Fit stage 2 at ``kl_weight`` into ``out/<run_name>/run`` (skipped when its last checkpoint exists and was
+    fitted from the same inputs, ``step_inputs``)."""
     from experiments.run import cli_main
+    from experiments.studies.step_inputs import start_step
 
     name = run_name(kl_weight, scoring)
-    checkpoint = run_dir(Path(study.out_dir), name) / "checkpoints" / "last.ckpt"
+    args = _args(study, name, kl_weight, encoder_args)
+    directory = run_dir(Path(study.out_dir), name)
+    start_step(directory, args)
+    checkpoint = directory / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
-        cli_main(["fit", *_args(study, name, kl_weight, encoder_args)])
+        cli_main(["fit", *args])
     return checkpoint
 
 

@@ -42,13 +42,15 @@ def cli_args(configs: list[Path | str], root: Path, name: str | None = None) -> 
 def fit_and_test(configs: list[Path], overrides: list[str], root: Path, name: str) -> dict[str, Any]:
     """Fit the config stack with ``overrides`` into ``root/name/run``, then test its last checkpoint. Returns
     ``{"metrics": test metrics, "parameters": parameters.json (stage 1), "dir": run dir}``; an already tested run
-    is read back."""
+    of the same inputs (``step_inputs``) is read back, one of other inputs redone."""
     from experiments.run import cli_main
+    from experiments.studies.step_inputs import start_step
 
     directory = run_dir(root, name)
     metrics_file = directory / "test_metrics.json"
+    args = [*cli_args(configs, root, name), *overrides]
+    start_step(directory, args)
     if not metrics_file.is_file():
-        args = [*cli_args(configs, root, name), *overrides]
         last = directory / "checkpoints" / "last.ckpt"
         if last.is_file():
             cli_main(["test", *args, f"--ckpt_path={last}"])
@@ -101,18 +103,22 @@ def ridge_predictions(directory: Path, target: str, overrides: list[str], rank: 
     """Ridge regression of ``target`` (rank ``rank``, None: full) on the data of a stage-1 config stack
     (``configs``, default the world's, ``STAGE1_WORLD``) with ``overrides``, its test predictions written as
     target caches per subject under ``directory`` (the condition tables of a ridge row) -> {"dir", "results"}; a
-    finished one is read back."""
+    finished one of the same inputs (``step_inputs``) is read back."""
     from datamodules.common import provenance, write_json_atomic
     from experiments._config import build, load_config
     from experiments.baselines.ridge import ridge_baseline
+    from experiments.studies.step_inputs import inputs_digest
 
     record = Path(directory).parent / f"{target}.json"
-    if not record.is_file():
-        config = load_config([str(c) for c in (configs or STAGE1_WORLD[target])], overrides)
+    stack = [str(c) for c in (configs or STAGE1_WORLD[target])]
+    digest = inputs_digest([*stack, *overrides, f"--rank={rank}", f"--target={target}"])
+    if not record.is_file() or json.loads(record.read_text()).get("inputs_sha256") != digest:
+        config = load_config(stack, overrides)
         model = config["model"]["init_args"]
         results = ridge_baseline(build(config["data"]), target, model.get("retrieval_candidates", 300),
                                  model.get("retrieval_draws", 30), predictions_dir=Path(directory), rank=rank)
-        write_json_atomic(record, {"ridge": results, "rank": rank, "target": target, "provenance": provenance()})
+        write_json_atomic(record, {"ridge": results, "rank": rank, "target": target, "inputs_sha256": digest,
+                                   "provenance": provenance()})
     return {"dir": str(directory), "results": json.loads(record.read_text())["ridge"]}
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from experiments.studies.ablations import fit_row, predicted
-from experiments.studies.reconstruction_rows import evaluate_rows, predict_rows, tables_override
+from experiments.studies.ablations import fit_row, predict_once
+from experiments.studies.reconstruction_rows import evaluate_rows, tables_override
 from experiments.studies.runs import cli_args, ridge_predictions, run_dir
 
 METRICS = ("pixcorr", "ssim", "clip", "clip_top1", "clip_cosine")
@@ -58,10 +58,7 @@ def reconstruct_runs(study, results: dict[str, dict]) -> dict[str, Any]:
         rows["shuffled"] = [*rows["transfer"], "--model.init_args.shuffle_conditions=true"]
     recon = {}
     for row, overrides in rows.items():
-        directory = out / "stage2" / f"run_{row}" / "reconstructions"
-        if not predicted(directory, [new]):
-            predict_rows(predict_args, checkpoint, out, "stage2", "run", {row: [*overrides]})
-        recon[row] = directory
+        recon[row] = predict_once(predict_args, checkpoint, out, "stage2", row, [*overrides], [new])
     scored = evaluate_rows(Path(study.data_dir), recon, [new], str(world / "image_encoder"), study.bootstrap,
                            metrics=METRICS)
     return {"rows": {row: per[-1].values for row, per in scored.items()},
