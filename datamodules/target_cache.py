@@ -20,18 +20,18 @@ import numpy as np
 from datamodules.common import DataFormatError, provenance
 
 TARGET_FORMAT_VERSION = 1
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
-def model_fingerprint(model: str | Path) -> str | None:
-    """sha256 over the weight files (``*.safetensors``, ``*.bin``) of a model file or directory, in path order;
-    None when there are none (a name, not local weights). A cache records it, so one computed with other weights
-    at the same path is recognised as stale."""
+def model_fingerprint(model: str | Path, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> str | None:
+    """sha256 over a file, or over the files of a directory whose names end in ``suffixes`` (default: the weight
+    files), in path order; None when there are none (a name, not local weights). A cache records it, so one
+    computed with other weights at the same path is recognised as stale."""
     root = Path(model)
     if root.is_file():
         files = {root.name: root}
     elif root.is_dir():
-        files = {str(p.relative_to(root)): p for p in sorted(root.rglob("*"))
-                 if p.suffix in (".safetensors", ".bin") and p.is_file()}
+        files = {str(p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.suffix in suffixes and p.is_file()}
     else:
         files = {}
     if not files:

@@ -112,14 +112,16 @@ def ridge_predictions(directory: Path, target: str, overrides: list[str], rank: 
     record = Path(directory).parent / f"{target}.json"
     stack = [str(c) for c in (configs or STAGE1_WORLD[target])]
     digest = inputs_digest([*stack, *overrides, f"--rank={rank}", f"--target={target}"])
-    if not record.is_file() or json.loads(record.read_text()).get("inputs_sha256") != digest:
+    stored = json.loads(record.read_text()) if record.is_file() else {}
+    if stored.get("inputs_sha256") != digest:
         config = load_config(stack, overrides)
         model = config["model"]["init_args"]
         results = ridge_baseline(build(config["data"]), target, model.get("retrieval_candidates", 300),
                                  model.get("retrieval_draws", 30), predictions_dir=Path(directory), rank=rank)
-        write_json_atomic(record, {"ridge": results, "rank": rank, "target": target, "inputs_sha256": digest,
-                                   "provenance": provenance()})
-    return {"dir": str(directory), "results": json.loads(record.read_text())["ridge"]}
+        stored = {"ridge": results, "rank": rank, "target": target, "inputs_sha256": digest,
+                  "provenance": provenance()}
+        write_json_atomic(record, stored)
+    return {"dir": str(directory), "results": stored["ridge"]}
 
 
 def test_of_saved_run(directory: Path) -> dict[str, float]:

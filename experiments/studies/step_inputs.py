@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from datamodules.common import write_json_atomic
+from datamodules.target_cache import model_fingerprint
 
 RECORD = "inputs.json"
 CONTENT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".npy")
@@ -40,24 +41,19 @@ def _named_paths(args: list[str]) -> list[Path]:
     return paths
 
 
-def _files(path: Path) -> list[Path]:
-    """A named file's own content when it is weights, a cache or a config; below a named directory its weights and
+def _fingerprints(path: Path) -> list[str | None]:
+    """A named file's content when it is weights, a cache or a config; below a named directory its weights and
     caches, and the JSON records at its top (a dataset's generator record, a world's manifest)."""
     if path.is_file():
-        return [path] if path.suffix in CONTENT_SUFFIXES + CONFIG_SUFFIXES else []
-    below = [p for p in sorted(path.rglob("*")) if p.suffix in CONTENT_SUFFIXES and p.is_file()]
-    top = [p for p in sorted(path.glob("*.json")) if p.name != RECORD and p.is_file()]
-    return top + below
+        return [model_fingerprint(path)] if path.suffix in CONTENT_SUFFIXES + CONFIG_SUFFIXES else []
+    top = [model_fingerprint(p) for p in sorted(path.glob("*.json")) if p.name != RECORD and p.is_file()]
+    return [*top, model_fingerprint(path, CONTENT_SUFFIXES)]
 
 
 def inputs_digest(args: list[str]) -> str:
     """sha256 of ``args`` and of the contents of the files they name."""
-    digest = hashlib.sha256(json.dumps(list(args)).encode())
-    for path in _named_paths(args):
-        for f in _files(path):
-            digest.update(str(f).encode())
-            digest.update(f.read_bytes())
-    return digest.hexdigest()
+    named = [[str(p), _fingerprints(p)] for p in _named_paths(args)]
+    return hashlib.sha256(json.dumps([list(args), named]).encode()).hexdigest()
 
 
 def is_current(directory: str | Path, digest: str) -> bool:

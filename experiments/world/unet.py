@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments.world.build_helpers import optimiser_step, progress, seed_everything
+from lightning_modules.components.diffusion_loss import training_noise
 
 BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
@@ -84,8 +85,6 @@ def encode_prompts(te1, te2, tokenizer, captions: list[str], batch: int = 512):
 def noisy(latents: torch.Tensor, gen: torch.Generator, acp: torch.Tensor, offset: float = 0.0):
     """(B, 4, h, w) -> (noisy latents, noise, timesteps) with timesteps uniform over the 1000 training steps.
     ``offset``: the offset noise of ``training_noise``."""
-    from lightning_modules.components.diffusion_loss import training_noise
-
     t = torch.randint(0, len(acp), (len(latents),), generator=gen)
     noise = training_noise(latents, offset, gen)
     a = acp[t].view(-1, 1, 1, 1)
